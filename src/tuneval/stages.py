@@ -63,7 +63,7 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
             cap = caps.get(split)
             if cap and cap < len(ds):
                 # A fixed data_seed: every seed and every model sees the same subset.
-                ds = ds.shuffle(seed=t.data_seed).select(range(cap))
+                ds = ds.shuffle(seed=t.data_seed, keep_in_memory=True).select(range(cap), keep_in_memory=True)
             tok = problem.tokenize(ds, tokenizer, run.benchmark, label_names)
             tok.save_to_disk(str(out / split))
             lengths = [len(x) for x in tok["input_ids"]]

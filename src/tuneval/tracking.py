@@ -37,7 +37,13 @@ class Tracker:
     def check(self) -> None:
         """Fail fast (exit 2) when the tracking server cannot be reached."""
         try:
-            self.client.search_experiments(max_results=1)
+            if self.uri.startswith(("http://", "https://")):
+                # One quick probe: MLflow's own client retries with back-off for minutes.
+                import urllib.request
+
+                urllib.request.urlopen(f"{self.uri.rstrip('/')}/health", timeout=10).close()
+            else:
+                self.client.search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001
             raise TunevalError(f"MLflow tracking URI {self.uri} cannot be reached ({type(e).__name__}); "
                                "start the server, fix MLFLOW_TRACKING_URI, or pass --no-track") from None

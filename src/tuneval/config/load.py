@@ -65,8 +65,7 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> LoadedConfig:
         problems += [(tuple(err["loc"]), _describe(err)) for err in e.errors()]
     problems += _check_train_overrides(raw)
     problems += _check_references(raw)
-    if config is not None:
-        problems += _check_paths(config, path.parent)
+    problems += _check_paths(raw, path.parent)
     if problems:
         raise ConfigError([_format(path, lines, loc, msg) for loc, msg in _dedupe(problems)])
     assert config is not None
@@ -120,9 +119,20 @@ def _check_references(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
     return out
 
 
-def _check_paths(config: Config, root: Path) -> list[tuple[tuple[Any, ...], str]]:
+def _check_paths(raw: dict[str, Any], root: Path) -> list[tuple[tuple[Any, ...], str]]:
+    """File and model-folder checks on every entry that is valid on its own, so that they are
+    reported together with schema errors elsewhere in the file."""
+    from pydantic import TypeAdapter
+
+    from tuneval.config.schema import BenchmarkSpec
+
     out: list[tuple[tuple[Any, ...], str]] = []
-    for name, bench in config.benchmarks.items():
+    benchmarks = raw.get("benchmarks") if isinstance(raw.get("benchmarks"), dict) else {}
+    for name, entry in benchmarks.items():
+        try:
+            bench = TypeAdapter(BenchmarkSpec).validate_python(entry)
+        except ValidationError:
+            continue  # already reported by the schema
         for split, file in (bench.data.files or {}).items():
             p = resolve_path(file, root)
             loc = ("benchmarks", name, "data", "files", split)
@@ -132,9 +142,12 @@ def _check_paths(config: Config, root: Path) -> list[tuple[tuple[Any, ...], str]
                 out.append((loc, f"{p} is a folder; name a .jsonl/.json/.csv/.parquet file"))
             elif bench.data.format is None and _file_format(p) is None:
                 out.append((loc, f"cannot tell the format of {p.name}; set data.format (json, csv or parquet)"))
-    for name, model in config.models.items():
+    models = raw.get("models") if isinstance(raw.get("models"), dict) else {}
+    for name, entry in models.items():
         try:
-            resolve_model_source(model, root)
+            resolve_model_source(ModelSpec.model_validate(entry), root)
+        except ValidationError:
+            continue
         except ValueError as e:
             out.append((("models", name, "source"), str(e)))
     return out
@@ -210,6 +223,10 @@ def _describe(err: Any) -> str:
         return "unknown key; remove it or check its spelling"
     if kind == "missing":
         return "required field is missing; add it"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    if kind == "model_type":
+        return f"expected a mapping (got {value!r})"
     if kind == "union_tag_invalid":
         return f"{msg}"
     if kind == "string_pattern_mismatch":
@@ -226,21 +243,36 @@ def _suggest(word: str, choices: Any) -> str:
     return f"; declared: {', '.join(names) or 'none'}"
 
 
+UNION_TAGS = {"TopK", "str", "int", "float", "bool", "classification"}
+
+
+def _is_tag(part: Any) -> bool:
+    """pydantic puts the union member it tried into the location; users never see those."""
+    return isinstance(part, str) and (part in UNION_TAGS or part.startswith("literal["))
+
+
 def _dedupe(problems: list[tuple[tuple[Any, ...], str]]) -> list[tuple[tuple[Any, ...], str]]:
-    seen, out = set(), []
+    """One line per location: union members' errors at the same place are merged, and a member's
+    error on the whole value is dropped when another member says what is wrong inside it."""
+    merged: dict[tuple[Any, ...], list[str]] = {}
+    from_union: set[tuple[Any, ...]] = set()
     for loc, msg in problems:
-        # pydantic reports train blocks as dict[str, object] fine, so no duplicate there;
-        # unions may report the same location twice with different member names.
-        key = (loc, msg)
-        if key not in seen:
-            seen.add(key)
-            out.append((loc, msg))
+        clean = tuple(p for p in loc if not _is_tag(p))
+        if clean != loc:
+            from_union.add(clean)
+        if msg not in merged.setdefault(clean, []):
+            merged[clean].append(msg)
+    out = []
+    for loc, msgs in merged.items():
+        deeper = any(other[: len(loc)] == loc and len(other) > len(loc) for other in merged if other in from_union)
+        if loc in from_union and deeper:
+            continue
+        out.append((loc, "; or ".join(msgs)))
     return out
 
 
 def _format(path: Path, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...], msg: str) -> str:
-    # pydantic inserts the union member tag (e.g. 'classification') into locations; drop it.
-    clean = tuple(p for p in loc if p not in ("classification",))
+    clean = loc
     dotted = ""
     for part in clean:
         dotted += f"[{part}]" if isinstance(part, int) else (("." if dotted else "") + str(part))

@@ -17,6 +17,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
@@ -130,11 +131,12 @@ class PipelineSpec(Strict):
     seeds: list[int] = Field([42], min_length=1)
     train: dict[str, object] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _unique_seeds(self) -> PipelineSpec:
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds must be distinct")
-        return self
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct (got {seeds})")
+        return seeds
 
 
 class Defaults(Strict):

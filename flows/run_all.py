@@ -1,0 +1,26 @@
+"""The run flow: fan out over every run of the selected pipelines, one subflow each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.pipeline_run import pipeline_run_flow
+from tuneval.config.runs import RunSpec
+from tuneval.errors import TunevalError
+from tuneval.settings import Settings
+
+
+@flow(name="tuneval", persist_result=False, validate_parameters=False)
+def run_flow(runs: list[RunSpec], settings: Settings, force_from: str | None = None) -> list[dict[str, Any]]:
+    """Runs go one after another: on a small machine parallel fine-tunes only fight for cores.
+    A failed run is recorded and the others still run."""
+    results = []
+    for run in runs:
+        try:
+            results.append(pipeline_run_flow(run, settings, force_from))
+        except TunevalError as e:
+            results.append(getattr(e, "tuneval_result", None) or {"run": run.run_name, "status": "failed",
+                                                                  "error": str(e)})
+    return results

@@ -1,0 +1,207 @@
+"""The ``tuneval`` command. Heavy imports (torch, prefect, mlflow) happen inside commands, so
+``tuneval --help`` and ``tuneval check`` stay quick."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tuneval import __version__
+from tuneval.errors import TunevalError
+
+STAGES = ("load", "prepare", "finetune", "predict", "score")
+
+# Quiet, offline-friendly defaults; any of them can be overridden from the environment.
+ENV_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    if not args.verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except TunevalError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="pipelines.yaml", metavar="PATH",
+                        help="pipelines file (default: ./pipelines.yaml); relative data paths start at its folder")
+    common.add_argument("-v", "--verbose", action="store_true", help="show INFO logs (Prefect, tuneval)")
+    p = argparse.ArgumentParser(prog="tuneval", parents=[common],
+                                description="Fine-tune and score pre-trained language models, cached and tracked.")
+    p.add_argument("--version", action="version", version=f"tuneval {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check", parents=[common], help="validate the config: every error at once")
+    c.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("run", parents=[common], help="run pipelines (all when none named)")
+    r.add_argument("pipelines", nargs="*", metavar="PIPELINE")
+    r.add_argument("--force", choices=STAGES, metavar="STAGE", help=f"rerun STAGE and later ones ({', '.join(STAGES)})")
+    r.add_argument("--json", metavar="PATH", help="write machine-readable results to PATH")
+    r.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    r.set_defaults(func=cmd_run)
+
+    u = sub.add_parser("ui", parents=[common], help="MLflow UI on the project's store (127.0.0.1)")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    u.set_defaults(func=cmd_ui)
+
+    sub.add_parser("list", parents=[common], help="pipelines, models and benchmarks declared").set_defaults(
+        func=cmd_list)
+    sub.add_parser("schema", parents=[common], help="print the config's JSON Schema").set_defaults(func=cmd_schema)
+    return p
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config
+
+    loaded = load_config(args.config)
+    n = len(loaded.config.pipelines)
+    print(f"{loaded.path}: OK ({len(loaded.config.models)} models, {len(loaded.config.benchmarks)} benchmarks, "
+          f"{n} pipelines)")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config
+
+    cfg = load_config(args.config).config
+    print("pipelines:")
+    for name, p in cfg.pipelines.items():
+        runs = len(p.models) * len(p.benchmarks) * len(p.seeds)
+        print(f"  {name:<22} models={','.join(p.models)} benchmarks={','.join(p.benchmarks)} "
+              f"seeds={','.join(map(str, p.seeds))} ({runs} runs)")
+    print("models:")
+    for name, m in cfg.models.items():
+        print(f"  {name:<22} {m.source}")
+    print("benchmarks:")
+    for name, b in cfg.benchmarks.items():
+        src = f"hub:{b.data.hub}{'/' + b.data.subset if b.data.subset else ''}" if b.data.hub else "files"
+        print(f"  {name:<22} {b.problem:<15} {src:<18} metrics={','.join(b.metrics)}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from tuneval.config.schema import Config
+
+    print(json.dumps(Config.model_json_schema(), indent=1))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config, resolve_runs
+    from tuneval.settings import Settings
+
+    loaded = load_config(args.config)
+    runs = resolve_runs(loaded, args.pipelines)  # every check that needs no model, before any flow starts
+    settings = Settings.from_env(loaded.root, track=not args.no_track)
+    if settings.track:
+        from tuneval.tracking import Tracker
+
+        Tracker(settings.tracking_uri, settings.artifact_root).check()
+    _hide_user_error_tracebacks()
+    from flows.run_all import run_flow
+
+    results = run_flow(runs, settings, args.force)
+    if args.json:
+        from tuneval.record import write_json
+
+        write_json(results, args.json)
+    print(results_table(results))
+    failed = [r for r in results if r.get("status") != "completed"]
+    for r in failed:
+        print(f"error: {r.get('model')}/{r.get('benchmark')}/seed {r.get('seed')}: {r.get('error')}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config
+    from tuneval.settings import Settings
+
+    loaded = load_config(args.config)
+    settings = Settings.from_env(loaded.root)
+    if not settings.tracking_uri.startswith("sqlite:"):
+        print(f"MLflow tracking server: {settings.tracking_uri} (open it in a browser)")
+        return 0
+    Path(settings.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.tracking_uri,
+           "--host", args.host, "--port", str(args.port)]
+    if settings.artifact_root:
+        cmd += ["--default-artifact-root", settings.artifact_root]
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    metric_names = sorted({k for r in results for k in (r.get("metrics") or {})})
+    head = ["pipeline", "model", "benchmark", "seed", "status", "stages", *metric_names]
+    rows = [head]
+    for r in results:
+        stages = " ".join(f"{s[:4]}:{v['status'][:3]}" for s, v in (r.get("stages") or {}).items())
+        rows.append([str(r.get("pipeline", "")), str(r.get("model", "")), str(r.get("benchmark", "")),
+                     str(r.get("seed", "")), str(r.get("status", "")), stages,
+                     *[f"{r['metrics'][m]:.4f}" if m in (r.get("metrics") or {}) else "-" for m in metric_names]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class _UserErrorFilter(logging.Filter):
+    """Prefect logs every failed task with its traceback; for a user error the CLI prints one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TunevalError):
+            return False
+        msg = record.getMessage()
+        return not any(n in msg for n in ("TunevalError", "DataError", "ConfigError", "ModelError"))
+
+
+def _hide_user_error_tracebacks() -> None:
+    import prefect.logging.configuration  # noqa: F401 - makes prefect set up its handlers
+
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    flt = _UserErrorFilter()
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logger = logging.getLogger(name)
+        logger.addFilter(flt)
+        for h in logger.handlers:
+            h.addFilter(flt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

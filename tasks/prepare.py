@@ -1,0 +1,14 @@
+"""Stage 2: check columns and labels, format and tokenize to Arrow."""
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tuneval import stages
+from tuneval.artifacts import ArtifactRef, StageOutcome
+from tuneval.config.runs import RunSpec
+from tuneval.settings import Settings
+
+
+@task(name="prepare", cache_policy=NO_CACHE, persist_result=False)
+def prepare_task(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool = False) -> StageOutcome:
+    return stages.prepare(run, settings, loaded, force)

@@ -1,0 +1,114 @@
+"""Stages through their Prefect tasks' ``.fn``: caching by content key, data checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import write_rows
+from tasks import finetune_task, load_task, predict_task, prepare_task, score_task
+from tuneval.config import load_config, resolve_runs
+from tuneval.errors import DataError
+from tuneval.settings import Settings
+
+
+def runs_of(project: Path, edit=None):
+    if edit:
+        raw = yaml.safe_load((project / "pipelines.yaml").read_text())
+        edit(raw)
+        (project / "pipelines.yaml").write_text(yaml.safe_dump(raw))
+    return resolve_runs(load_config(project / "pipelines.yaml"))
+
+
+def all_stages(run, settings):
+    out = {"load": load_task.fn(run, settings)}
+    out["prepare"] = prepare_task.fn(run, settings, out["load"].ref)
+    out["finetune"] = finetune_task.fn(run, settings, out["prepare"].ref)
+    out["predict"] = predict_task.fn(run, settings, out["finetune"].ref, out["prepare"].ref)
+    out["score"] = score_task.fn(run, settings, out["predict"].ref, out["prepare"].ref)
+    return out
+
+
+def statuses(out) -> dict[str, str]:
+    return {k: v.status for k, v in out.items()}
+
+
+def test_stages_cache_and_rerun_only_what_changed(project: Path) -> None:
+    settings = Settings.from_env(project, track=False)
+    [run] = runs_of(project)
+    first = all_stages(run, settings)
+    assert set(statuses(first).values()) == {"ran"}
+    assert set(statuses(all_stages(run, settings)).values()) == {"cached"}
+
+    # The fine-tuned model learned the separable toy task.
+    assert first["score"].ref.meta()["metrics"]["accuracy"] >= 0.9
+    preds = pq.read_table(first["predict"].ref.dir / "predictions.parquet").to_pydict()
+    assert len(preds["example_id"]) == 60 and len(preds["logits"][0]) == 2
+
+    [lr_run] = runs_of(project, lambda r: r["pipelines"]["smoke"]["train"].update(learning_rate=1e-3))
+    assert statuses(all_stages(lr_run, settings)) == {
+        "load": "cached", "prepare": "cached", "finetune": "ran", "predict": "ran", "score": "ran"}
+
+    [len_run] = runs_of(project, lambda r: r["benchmarks"]["toy"].update(max_length=16))
+    assert statuses(all_stages(len_run, settings)) == {
+        "load": "cached", "prepare": "ran", "finetune": "ran", "predict": "ran", "score": "ran"}
+
+    [metric_run] = runs_of(project, lambda r: r["benchmarks"]["toy"].update(metrics=["accuracy"]))
+    out = all_stages(metric_run, settings)
+    assert statuses(out)["score"] == "ran" and statuses(out)["finetune"] == "cached"
+
+
+def test_finetune_records_curves_and_validation(project: Path) -> None:
+    settings = Settings.from_env(project, track=False)
+    [run] = runs_of(project)
+    out = all_stages(run, settings)
+    history = json.loads((out["finetune"].ref.dir / "history.json").read_text())
+    epochs = json.loads((out["finetune"].ref.dir / "epochs.json").read_text())
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert history[-1]["loss"] < history[0]["loss"]
+    # Warmup then linear decay: lr rises for the first steps, then falls.
+    lrs = [h["learning_rate"] for h in history]
+    assert max(lrs) > lrs[-1]
+
+
+def test_max_samples_caps_are_seeded_subsets(project: Path) -> None:
+    settings = Settings.from_env(project, track=False)
+    [run] = runs_of(project, lambda r: r["pipelines"]["smoke"]["train"].update(max_train_samples=50,
+                                                                                max_test_samples=20))
+    loaded = load_task.fn(run, settings)
+    prepared = prepare_task.fn(run, settings, loaded.ref).ref.meta()
+    assert prepared["splits"]["train"]["rows"] == 50 and prepared["splits"]["test"]["rows"] == 20
+
+
+@pytest.mark.parametrize(
+    "case,setup,expected",
+    [
+        ("column missing", lambda p: write_rows(p / "data/test.jsonl", [{"txt": "a", "label": "positive"}]),
+         ["test.jsonl", "column 'text' missing", "columns.text"]),
+        ("label absent from train", lambda p: write_rows(p / "data/test.jsonl", [{"text": "a", "label": "neutral"}]),
+         ["test.jsonl", "'neutral'", "never occurs in train"]),
+        ("mixed label types", lambda p: write_rows(p / "data/train.jsonl",
+                                                   [{"text": "a", "label": "1"}, {"text": "b", "label": 0}]),
+         ["train.jsonl"]),
+        ("empty split", lambda p: (p / "data/validation.jsonl").write_text(""), ["validation.jsonl"]),
+        ("malformed UTF-8", lambda p: (p / "data/test.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "x"}\n'),
+         ["test.jsonl", "cannot be read as json"]),
+        ("invalid JSON", lambda p: (p / "data/test.jsonl").write_text('{"text": "a", \n'),
+         ["test.jsonl", "cannot be read as json"]),
+    ],
+)
+def test_bad_data_is_one_clear_error(project: Path, case, setup, expected) -> None:
+    setup(project)
+    settings = Settings.from_env(project, track=False)
+    [run] = runs_of(project)
+    with pytest.raises(DataError) as e:
+        loaded = load_task.fn(run, settings)
+        prepare_task.fn(run, settings, loaded.ref)
+    message = str(e.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message, f"{case}: {part!r} not in {message!r}"
