@@ -14,11 +14,15 @@ from tuneval.settings import Settings
 from tuneval.stages import ORDER
 
 
-@flow(name="tuneval-run", flow_run_name="{run.pipeline}/{run.model_name}/{run.benchmark_name}/seed{run.seed}",
-      persist_result=False, validate_parameters=False)
+@flow(
+    name="tuneval-run",
+    flow_run_name="{run.pipeline}/{run.model_name}/{run.benchmark_name}/seed{run.seed}",
+    persist_result=False,
+    validate_parameters=False,
+)
 def pipeline_run_flow(run: RunSpec, settings: Settings, force_from: str | None = None) -> dict[str, Any]:
     """Run the stages in order; on failure mark the MLflow run FAILED and re-raise."""
-    forced = set(ORDER[ORDER.index(force_from):]) if force_from else set()
+    forced = set(ORDER[ORDER.index(force_from) :]) if force_from else set()
     record = RunRecord.open(run, settings, flow_run_id=flow_run.get_id())
     stage = "load"
     try:

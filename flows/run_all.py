@@ -6,10 +6,13 @@ from typing import Any
 
 from prefect import flow
 
+from flows import user_errors
 from flows.pipeline_run import pipeline_run_flow
 from tuneval.config.runs import RunSpec
 from tuneval.errors import TunevalError
 from tuneval.settings import Settings
+
+user_errors.install()
 
 
 @flow(name="tuneval", persist_result=False, validate_parameters=False)
@@ -21,6 +24,7 @@ def run_flow(runs: list[RunSpec], settings: Settings, force_from: str | None = N
         try:
             results.append(pipeline_run_flow(run, settings, force_from))
         except TunevalError as e:
-            results.append(getattr(e, "tuneval_result", None) or {"run": run.run_name, "status": "failed",
-                                                                  "error": str(e)})
+            results.append(
+                getattr(e, "tuneval_result", None) or {"run": run.run_name, "status": "failed", "error": str(e)}
+            )
     return results

@@ -10,6 +10,7 @@ from tuneval.settings import Settings
 
 
 @task(name="predict", cache_policy=NO_CACHE, persist_result=False)
-def predict_task(run: RunSpec, settings: Settings, tuned: ArtifactRef, prepared: ArtifactRef,
-                 force: bool = False) -> StageOutcome:
+def predict_task(
+    run: RunSpec, settings: Settings, tuned: ArtifactRef, prepared: ArtifactRef, force: bool = False
+) -> StageOutcome:
     return stages.predict(run, settings, tuned, prepared, force)

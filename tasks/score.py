@@ -10,6 +10,7 @@ from tuneval.settings import Settings
 
 
 @task(name="score", cache_policy=NO_CACHE, persist_result=False)
-def score_task(run: RunSpec, settings: Settings, predicted: ArtifactRef, prepared: ArtifactRef,
-               force: bool = False) -> StageOutcome:
+def score_task(
+    run: RunSpec, settings: Settings, predicted: ArtifactRef, prepared: ArtifactRef, force: bool = False
+) -> StageOutcome:
     return stages.score(run, settings, predicted, prepared, force)

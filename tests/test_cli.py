@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tuneval(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 120):
-    return subprocess.run([sys.executable, "-m", "tuneval.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneval.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def assert_user_error(proc, *parts: str) -> None:
@@ -45,8 +51,9 @@ def test_missing_config(tmp_path: Path) -> None:
 
 def test_yaml_syntax_error(project: Path) -> None:
     (project / "pipelines.yaml").write_text("models: [unclosed\n")
-    assert_user_error(tuneval("run", "--config", str(project / "pipelines.yaml")), "YAML syntax error",
-                      "pipelines.yaml:2")
+    assert_user_error(
+        tuneval("run", "--config", str(project / "pipelines.yaml")), "YAML syntax error", "pipelines.yaml:2"
+    )
 
 
 def test_several_config_errors_one_line_each(project: Path) -> None:
@@ -58,8 +65,9 @@ def test_several_config_errors_one_line_each(project: Path) -> None:
 
 
 def test_unknown_pipeline_name(project: Path) -> None:
-    assert_user_error(tuneval("run", "nosuch", "--config", str(project / "pipelines.yaml")),
-                      "no pipeline named 'nosuch'")
+    assert_user_error(
+        tuneval("run", "nosuch", "--config", str(project / "pipelines.yaml")), "no pipeline named 'nosuch'"
+    )
 
 
 def test_model_path_not_a_model(project: Path) -> None:
@@ -73,8 +81,9 @@ def test_unreachable_tracking_server_fails_before_training(project: Path) -> Non
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
     start = time.time()
-    proc = tuneval("run", "--config", str(project / "pipelines.yaml"),
-                   env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    proc = tuneval(
+        "run", "--config", str(project / "pipelines.yaml"), env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    )
     assert_user_error(proc, "cannot be reached", "--no-track")
     assert time.time() - start < 60
     assert not (project / ".tuneval").exists()  # nothing ran
@@ -101,9 +110,12 @@ def test_ui_serves_the_run_over_rest(project: Path) -> None:
     run_id = json.loads(out.read_text())["runs"][0]["mlflow_run_id"]
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tuneval.cli", "ui", "--config", str(project / "pipelines.yaml"),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneval.cli", "ui", "--config", str(project / "pipelines.yaml"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
         deadline = time.time() + 90
@@ -111,9 +123,10 @@ def test_ui_serves_the_run_over_rest(project: Path) -> None:
             try:
                 exps = _post(f"{base}/experiments/search", {"max_results": 50})
                 break
-            except OSError:
+            except OSError as e:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise AssertionError(proc.stdout.read().decode() if proc.poll() is not None else "UI not up")
+                    output = proc.stdout.read().decode() if proc.poll() is not None else "UI not up"
+                    raise AssertionError(output) from e
                 time.sleep(1)
         ids = [e["experiment_id"] for e in exps["experiments"] if e["name"] == "smoke"]
         found = _post(f"{base}/runs/search", {"experiment_ids": ids})["runs"]

@@ -30,38 +30,83 @@ def errors_of(path: Path) -> list[str]:
 
 # (case, mutation of the raw config, substrings the single problem line must contain)
 CASES = [
-    ("unknown key", lambda r: r["pipelines"]["smoke"]["train"].update(lr=1),
-     ["pipelines.smoke.train.lr", "unknown key", "learning_rate"]),
+    (
+        "unknown key",
+        lambda r: r["pipelines"]["smoke"]["train"].update(lr=1),
+        ["pipelines.smoke.train.lr", "unknown key", "learning_rate"],
+    ),
     ("unknown top-level key", lambda r: r.update(pipeline={}), ["pipeline", "unknown key"]),
-    ("wrong type", lambda r: r["pipelines"]["smoke"]["train"].update(epochs="three"),
-     ["pipelines.smoke.train.epochs", "integer", "'three'"]),
-    ("zero where positive", lambda r: r["pipelines"]["smoke"]["train"].update(batch_size=0),
-     ["pipelines.smoke.train.batch_size", "greater than 0"]),
-    ("negative learning rate", lambda r: r["pipelines"]["smoke"]["train"].update(learning_rate=-1e-5),
-     ["learning_rate", "greater than 0"]),
-    ("unknown model", lambda r: r["pipelines"]["smoke"].update(models=["tinny"]),
-     ["pipelines.smoke.models[0]", "unknown model 'tinny'", "did you mean 'tiny'"]),
-    ("unknown benchmark", lambda r: r["pipelines"]["smoke"].update(benchmarks=["nope"]),
-     ["pipelines.smoke.benchmarks[0]", "unknown benchmark 'nope'", "declared: toy"]),
-    ("metric of another problem", lambda r: r["benchmarks"]["toy"].update(metrics=["bleu"]),
-     ["benchmarks.toy.metrics[0]", "'accuracy'", "'bleu'"]),
-    ("unknown problem", lambda r: r["benchmarks"]["toy"].update(problem="regression"),
-     ["benchmarks.toy", "classification"]),
-    ("missing data file", lambda r: r["benchmarks"]["toy"]["data"]["files"].update(test="data/nope.jsonl"),
-     ["benchmarks.toy.data.files.test", "not found", "nope.jsonl"]),
-    ("data path is a folder", lambda r: r["benchmarks"]["toy"]["data"]["files"].update(test="data"),
-     ["benchmarks.toy.data.files.test", "is a folder"]),
-    ("model path not a model", lambda r: r["models"]["tiny"].update(source="./data"),
-     ["models.tiny.source", "not a model folder (no config.json)"]),
-    ("package not installed", lambda r: r["models"]["tiny"].update(source="package:no_such_pkg_xyz"),
-     ["models.tiny.source", "no_such_pkg_xyz", "not installed"]),
-    ("pipeline name with a path separator", lambda r: r["pipelines"].update({"a/b": r["pipelines"]["smoke"]}),
-     ["pipelines.a/b", "invalid name"]),
-    ("both files and hub", lambda r: r["benchmarks"]["toy"]["data"].update(hub="glue"),
-     ["benchmarks.toy.data", "exactly one of 'files'"]),
+    (
+        "wrong type",
+        lambda r: r["pipelines"]["smoke"]["train"].update(epochs="three"),
+        ["pipelines.smoke.train.epochs", "integer", "'three'"],
+    ),
+    (
+        "zero where positive",
+        lambda r: r["pipelines"]["smoke"]["train"].update(batch_size=0),
+        ["pipelines.smoke.train.batch_size", "greater than 0"],
+    ),
+    (
+        "negative learning rate",
+        lambda r: r["pipelines"]["smoke"]["train"].update(learning_rate=-1e-5),
+        ["learning_rate", "greater than 0"],
+    ),
+    (
+        "unknown model",
+        lambda r: r["pipelines"]["smoke"].update(models=["tinny"]),
+        ["pipelines.smoke.models[0]", "unknown model 'tinny'", "did you mean 'tiny'"],
+    ),
+    (
+        "unknown benchmark",
+        lambda r: r["pipelines"]["smoke"].update(benchmarks=["nope"]),
+        ["pipelines.smoke.benchmarks[0]", "unknown benchmark 'nope'", "declared: toy"],
+    ),
+    (
+        "metric of another problem",
+        lambda r: r["benchmarks"]["toy"].update(metrics=["bleu"]),
+        ["benchmarks.toy.metrics[0]", "'accuracy'", "'bleu'"],
+    ),
+    (
+        "unknown problem",
+        lambda r: r["benchmarks"]["toy"].update(problem="regression"),
+        ["benchmarks.toy", "classification"],
+    ),
+    (
+        "missing data file",
+        lambda r: r["benchmarks"]["toy"]["data"]["files"].update(test="data/nope.jsonl"),
+        ["benchmarks.toy.data.files.test", "not found", "nope.jsonl"],
+    ),
+    (
+        "data path is a folder",
+        lambda r: r["benchmarks"]["toy"]["data"]["files"].update(test="data"),
+        ["benchmarks.toy.data.files.test", "is a folder"],
+    ),
+    (
+        "model path not a model",
+        lambda r: r["models"]["tiny"].update(source="./data"),
+        ["models.tiny.source", "not a model folder (no config.json)"],
+    ),
+    (
+        "package not installed",
+        lambda r: r["models"]["tiny"].update(source="package:no_such_pkg_xyz"),
+        ["models.tiny.source", "no_such_pkg_xyz", "not installed"],
+    ),
+    (
+        "pipeline name with a path separator",
+        lambda r: r["pipelines"].update({"a/b": r["pipelines"]["smoke"]}),
+        ["pipelines.a/b", "invalid name"],
+    ),
+    (
+        "both files and hub",
+        lambda r: r["benchmarks"]["toy"]["data"].update(hub="glue"),
+        ["benchmarks.toy.data", "exactly one of 'files'"],
+    ),
     ("duplicate seeds", lambda r: r["pipelines"]["smoke"].update(seeds=[1, 1]), ["pipelines.smoke.seeds", "distinct"]),
-    ("bad trainable", lambda r: r["pipelines"]["smoke"]["train"].update(trainable={"top_k": 0}),
-     ["pipelines.smoke.train.trainable", "greater than 0"]),
+    (
+        "bad trainable",
+        lambda r: r["pipelines"]["smoke"]["train"].update(trainable={"top_k": 0}),
+        ["pipelines.smoke.train.trainable", "greater than 0"],
+    ),
 ]
 
 

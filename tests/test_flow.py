@@ -93,13 +93,23 @@ def test_finetune_fails_then_rerun_reuses_load_and_prepare(project: Path, tmp_pa
     kept.rename(weights)
     code, fixed = run_cli(project)
     assert code == 0
-    assert stage_statuses(fixed) == {"load": "cached", "prepare": "cached", "finetune": "ran",
-                                     "predict": "ran", "score": "ran"}
+    assert stage_statuses(fixed) == {
+        "load": "cached",
+        "prepare": "cached",
+        "finetune": "ran",
+        "predict": "ran",
+        "score": "ran",
+    }
 
     code, forced = run_cli(project, "--force", "predict")
     assert code == 0
-    assert stage_statuses(forced) == {"load": "cached", "prepare": "cached", "finetune": "cached",
-                                      "predict": "ran", "score": "ran"}
+    assert stage_statuses(forced) == {
+        "load": "cached",
+        "prepare": "cached",
+        "finetune": "cached",
+        "predict": "ran",
+        "score": "ran",
+    }
 
 
 def test_data_error_at_run_time_is_one_line_exit_2(project: Path, capfd) -> None:

@@ -54,10 +54,14 @@ def test_causal_lm_without_pad_token_gets_one(model_dir: Path) -> None:
 
 def test_causal_lm_logits_do_not_depend_on_padding_side(model_dir: Path) -> None:
     model, tok = _classifier(model_dir / "gpt2")
-    rows = [{"input_ids": tok(t)["input_ids"], "attention_mask": [1] * len(tok(t)["input_ids"])}
-            for t in ["the movie", "a great fun film with the best plot"]]
-    alone = [model(input_ids=torch.tensor([r["input_ids"]]), attention_mask=torch.tensor([r["attention_mask"]]))
-             for r in rows]
+    rows = [
+        {"input_ids": tok(t)["input_ids"], "attention_mask": [1] * len(tok(t)["input_ids"])}
+        for t in ["the movie", "a great fun film with the best plot"]
+    ]
+    alone = [
+        model(input_ids=torch.tensor([r["input_ids"]]), attention_mask=torch.tensor([r["attention_mask"]]))
+        for r in rows
+    ]
     for side in ("left", "right"):
         batch = make_collate(tok.pad_token_id, side)(rows)
         # GPT-2 positions follow the index, so left padding needs explicit position ids to be exact.

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import write_rows
+
 from tasks import finetune_task, load_task, predict_task, prepare_task, score_task
 from tuneval.config import load_config, resolve_runs
 from tuneval.errors import DataError
@@ -51,11 +51,21 @@ def test_stages_cache_and_rerun_only_what_changed(project: Path) -> None:
 
     [lr_run] = runs_of(project, lambda r: r["pipelines"]["smoke"]["train"].update(learning_rate=1e-3))
     assert statuses(all_stages(lr_run, settings)) == {
-        "load": "cached", "prepare": "cached", "finetune": "ran", "predict": "ran", "score": "ran"}
+        "load": "cached",
+        "prepare": "cached",
+        "finetune": "ran",
+        "predict": "ran",
+        "score": "ran",
+    }
 
-    [len_run] = runs_of(project, lambda r: r["benchmarks"]["toy"].update(max_length=16))
+    [len_run] = runs_of(project, lambda r: r["benchmarks"]["toy"].update(max_length=6))
     assert statuses(all_stages(len_run, settings)) == {
-        "load": "cached", "prepare": "ran", "finetune": "ran", "predict": "ran", "score": "ran"}
+        "load": "cached",
+        "prepare": "ran",
+        "finetune": "ran",
+        "predict": "ran",
+        "score": "ran",
+    }
 
     [metric_run] = runs_of(project, lambda r: r["benchmarks"]["toy"].update(metrics=["accuracy"]))
     out = all_stages(metric_run, settings)
@@ -77,8 +87,9 @@ def test_finetune_records_curves_and_validation(project: Path) -> None:
 
 def test_max_samples_caps_are_seeded_subsets(project: Path) -> None:
     settings = Settings.from_env(project, track=False)
-    [run] = runs_of(project, lambda r: r["pipelines"]["smoke"]["train"].update(max_train_samples=50,
-                                                                                max_test_samples=20))
+    [run] = runs_of(
+        project, lambda r: r["pipelines"]["smoke"]["train"].update(max_train_samples=50, max_test_samples=20)
+    )
     loaded = load_task.fn(run, settings)
     prepared = prepare_task.fn(run, settings, loaded.ref).ref.meta()
     assert prepared["splits"]["train"]["rows"] == 50 and prepared["splits"]["test"]["rows"] == 20
@@ -87,18 +98,32 @@ def test_max_samples_caps_are_seeded_subsets(project: Path) -> None:
 @pytest.mark.parametrize(
     "case,setup,expected",
     [
-        ("column missing", lambda p: write_rows(p / "data/test.jsonl", [{"txt": "a", "label": "positive"}]),
-         ["test.jsonl", "column 'text' missing", "columns.text"]),
-        ("label absent from train", lambda p: write_rows(p / "data/test.jsonl", [{"text": "a", "label": "neutral"}]),
-         ["test.jsonl", "'neutral'", "never occurs in train"]),
-        ("mixed label types", lambda p: write_rows(p / "data/train.jsonl",
-                                                   [{"text": "a", "label": "1"}, {"text": "b", "label": 0}]),
-         ["train.jsonl"]),
+        (
+            "column missing",
+            lambda p: write_rows(p / "data/test.jsonl", [{"txt": "a", "label": "positive"}]),
+            ["test.jsonl", "column 'text' missing", "columns.text"],
+        ),
+        (
+            "label absent from train",
+            lambda p: write_rows(p / "data/test.jsonl", [{"text": "a", "label": "neutral"}]),
+            ["test.jsonl", "'neutral'", "never occurs in train"],
+        ),
+        (
+            "mixed label types",
+            lambda p: write_rows(p / "data/train.jsonl", [{"text": "a", "label": "1"}, {"text": "b", "label": 0}]),
+            ["train.jsonl:2", "field 'label' is number here but str on line 1"],
+        ),
         ("empty split", lambda p: (p / "data/validation.jsonl").write_text(""), ["validation.jsonl"]),
-        ("malformed UTF-8", lambda p: (p / "data/test.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "x"}\n'),
-         ["test.jsonl", "cannot be read as json"]),
-        ("invalid JSON", lambda p: (p / "data/test.jsonl").write_text('{"text": "a", \n'),
-         ["test.jsonl", "cannot be read as json"]),
+        (
+            "malformed UTF-8",
+            lambda p: (p / "data/test.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "x"}\n'),
+            ["test.jsonl:1", "not valid UTF-8"],
+        ),
+        (
+            "invalid JSON",
+            lambda p: (p / "data/test.jsonl").write_text('{"text": "a", "label": "positive"}\n{"text": \n'),
+            ["test.jsonl:2", "invalid JSON"],
+        ),
     ],
 )
 def test_bad_data_is_one_clear_error(project: Path, case, setup, expected) -> None:

@@ -153,12 +153,17 @@ class Store:
         return StageOutcome(ref, "ran", time.perf_counter() - start, key_parts)
 
     def _commit(self, stage: str, key: str, key_parts: dict[str, Any], tmp: Path, meta: dict[str, Any]) -> ArtifactRef:
-        files = {
-            str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in _file_list(tmp)
-        }
+        files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in _file_list(tmp)}
         fingerprint = hashlib.sha256(canonical_json(files).encode()).hexdigest()[:24]
-        manifest = {"stage": stage, "key": key, "key_parts": key_parts, "fingerprint": fingerprint,
-                    "files": files, "meta": meta, "created": time.time()}
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "key_parts": key_parts,
+            "fingerprint": fingerprint,
+            "files": files,
+            "meta": meta,
+            "created": time.time(),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
         final = self.folder(stage, key)
         if final.exists():  # forced rebuild: move the old one aside, then swap

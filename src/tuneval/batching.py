@@ -10,17 +10,22 @@ import torch
 PAD_LABEL = -100  # ignored by cross-entropy
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
-                           shuffle: bool = True, group: bool = True, mega: int = 50) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: list[int],
+    batch_size: int,
+    generator: torch.Generator,
+    shuffle: bool = True,
+    group: bool = True,
+    mega: int = 50,
+) -> list[list[int]]:
     """Index batches. Grouping sorts each run of ``mega`` batches by length so padding stays low,
     then shuffles the batch order, as Trainer's group_by_length does; all driven by ``generator``."""
     n = len(lengths)
     order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
     if group:
         chunk = batch_size * mega
-        order = [i for s in range(0, n, chunk)
-                 for i in sorted(order[s:s + chunk], key=lambda j: -lengths[j])]
-    batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+        order = [i for s in range(0, n, chunk) for i in sorted(order[s : s + chunk], key=lambda j: -lengths[j])]
+    batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     if shuffle and group and len(batches) > 1:
         perm = torch.randperm(len(batches), generator=generator).tolist()
         batches = [batches[i] for i in perm]
@@ -30,11 +35,14 @@ def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch
 def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Inference batches, longest first, so padding is minimal and an OOM shows up at once."""
     order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def make_collate(pad_id: int, padding_side: str = "right", multiple_of: int | None = None,
-                 ) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+def make_collate(
+    pad_id: int,
+    padding_side: str = "right",
+    multiple_of: int | None = None,
+) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
     """Pad token-id style fields per batch; copy scalar fields (labels) into a tensor."""
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -61,8 +69,11 @@ def _pad(seq: list[int], width: int, fill: int, side: str) -> list[int]:
     return pad + seq if side == "left" else seq + pad
 
 
-def iterate(ds: Any, batches: list[list[int]], collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
-            ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+def iterate(
+    ds: Any,
+    batches: list[list[int]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     for idx in batches:
         rows = ds[idx]  # columnar dict for this batch
         yield idx, collate([{k: rows[k][i] for k in rows} for i in range(len(idx))])

@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except TunevalError as e:
@@ -51,11 +52,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default="pipelines.yaml", metavar="PATH",
-                        help="pipelines file (default: ./pipelines.yaml); relative data paths start at its folder")
+    common.add_argument(
+        "--config",
+        default="pipelines.yaml",
+        metavar="PATH",
+        help="pipelines file (default: ./pipelines.yaml); relative data paths start at its folder",
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="show INFO logs (Prefect, tuneval)")
-    p = argparse.ArgumentParser(prog="tuneval", parents=[common],
-                                description="Fine-tune and score pre-trained language models, cached and tracked.")
+    p = argparse.ArgumentParser(
+        prog="tuneval",
+        parents=[common],
+        description="Fine-tune and score pre-trained language models, cached and tracked.",
+    )
     p.add_argument("--version", action="version", version=f"tuneval {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -75,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_ui)
 
     sub.add_parser("list", parents=[common], help="pipelines, models and benchmarks declared").set_defaults(
-        func=cmd_list)
+        func=cmd_list
+    )
     sub.add_parser("schema", parents=[common], help="print the config's JSON Schema").set_defaults(func=cmd_schema)
     return p
 
@@ -85,8 +94,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     loaded = load_config(args.config)
     n = len(loaded.config.pipelines)
-    print(f"{loaded.path}: OK ({len(loaded.config.models)} models, {len(loaded.config.benchmarks)} benchmarks, "
-          f"{n} pipelines)")
+    print(
+        f"{loaded.path}: OK ({len(loaded.config.models)} models, {len(loaded.config.benchmarks)} benchmarks, "
+        f"{n} pipelines)"
+    )
     return 0
 
 
@@ -97,8 +108,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("pipelines:")
     for name, p in cfg.pipelines.items():
         runs = len(p.models) * len(p.benchmarks) * len(p.seeds)
-        print(f"  {name:<22} models={','.join(p.models)} benchmarks={','.join(p.benchmarks)} "
-              f"seeds={','.join(map(str, p.seeds))} ({runs} runs)")
+        print(
+            f"  {name:<22} models={','.join(p.models)} benchmarks={','.join(p.benchmarks)} "
+            f"seeds={','.join(map(str, p.seeds))} ({runs} runs)"
+        )
     print("models:")
     for name, m in cfg.models.items():
         print(f"  {name:<22} {m.source}")
@@ -127,7 +140,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tuneval.tracking import Tracker
 
         Tracker(settings.tracking_uri, settings.artifact_root).check()
-    _hide_user_error_tracebacks()
     from flows.run_all import run_flow
 
     results = run_flow(runs, settings, args.force)
@@ -151,9 +163,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not settings.tracking_uri.startswith("sqlite:"):
         print(f"MLflow tracking server: {settings.tracking_uri} (open it in a browser)")
         return 0
-    Path(settings.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.tracking_uri,
-           "--host", args.host, "--port", str(args.port)]
+    Path(settings.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        settings.tracking_uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     if settings.artifact_root:
         cmd += ["--default-artifact-root", settings.artifact_root]
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
@@ -169,38 +191,21 @@ def results_table(results: list[dict[str, Any]]) -> str:
     rows = [head]
     for r in results:
         stages = " ".join(f"{s[:4]}:{v['status'][:3]}" for s, v in (r.get("stages") or {}).items())
-        rows.append([str(r.get("pipeline", "")), str(r.get("model", "")), str(r.get("benchmark", "")),
-                     str(r.get("seed", "")), str(r.get("status", "")), stages,
-                     *[f"{r['metrics'][m]:.4f}" if m in (r.get("metrics") or {}) else "-" for m in metric_names]])
+        rows.append(
+            [
+                str(r.get("pipeline", "")),
+                str(r.get("model", "")),
+                str(r.get("benchmark", "")),
+                str(r.get("seed", "")),
+                str(r.get("status", "")),
+                stages,
+                *[f"{r['metrics'][m]:.4f}" if m in (r.get("metrics") or {}) else "-" for m in metric_names],
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-class _UserErrorFilter(logging.Filter):
-    """Prefect logs every failed task with its traceback; for a user error the CLI prints one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, TunevalError):
-            return False
-        msg = record.getMessage()
-        return not any(n in msg for n in ("TunevalError", "DataError", "ConfigError", "ModelError"))
-
-
-def _hide_user_error_tracebacks() -> None:
-    import prefect.logging.configuration  # noqa: F401 - makes prefect set up its handlers
-
-    from prefect.logging.configuration import setup_logging
-
-    setup_logging()
-    flt = _UserErrorFilter()
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
-        logger = logging.getLogger(name)
-        logger.addFilter(flt)
-        for h in logger.handlers:
-            h.addFilter(flt)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def _iter_splits(data: DataSpec) -> Any:
         for split, file in data.files.items():
             path = Path(file)
             fmt = data_format(data.format, path)
+            if path.suffix.lower() in (".jsonl", ".ndjson"):
+                check_json_lines(path)
             try:
                 ds = load_dataset(fmt, data_files=str(path), split="train")
             except Exception as e:  # noqa: BLE001 - any reader failure is the file's fault here
@@ -65,6 +67,41 @@ def _iter_splits(data: DataSpec) -> Any:
         except Exception as e:  # noqa: BLE001 - network, auth and missing-dataset errors alike
             raise DataError(f"{where}: cannot load from the hub: {_root_cause(e)}") from None
         yield split, ds, where
+
+
+def check_json_lines(path: Path) -> None:
+    """Line-exact errors for JSON Lines, and mixed value types per field, which pyarrow's reader
+    would otherwise coerce silently (a label "1" and a label 1 would become one class)."""
+    import json
+
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
+        ) from None
+    first_seen: dict[str, tuple[str, int]] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg}); fix that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+        for key, value in row.items():
+            if value is None:
+                continue
+            kind = "number" if type(value) in (int, float) else type(value).__name__
+            seen = first_seen.setdefault(key, (kind, n))
+            if seen[0] != kind:
+                raise DataError(
+                    f"{path}:{n}: field '{key}' is {kind} here but {seen[0]} on line {seen[1]}; "
+                    "make every value of a field the same type"
+                )
 
 
 def _root_cause(e: BaseException) -> str:

@@ -12,9 +12,17 @@ from tuneval.batching import iterate, make_collate, sorted_batches
 
 
 @torch.inference_mode()
-def predict_outputs(model: nn.Module, ds: Any, forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
-                    pad_id: int, padding_side: str, device: torch.device, batch_size: int,
-                    precision: str = "fp32", progress: bool = False) -> torch.Tensor:
+def predict_outputs(
+    model: nn.Module,
+    ds: Any,
+    forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    pad_id: int,
+    padding_side: str,
+    device: torch.device,
+    batch_size: int,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> torch.Tensor:
     """Stack ``forward(model, batch)`` for every row of ``ds``, in the dataset's order, on CPU."""
     from tqdm.auto import tqdm
 
@@ -24,8 +32,9 @@ def predict_outputs(model: nn.Module, ds: Any, forward: Callable[[nn.Module, dic
     collate = make_collate(pad_id, padding_side, 8 if device.type == "cuda" else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     out: torch.Tensor | None = None
-    for idx, batch in tqdm(iterate(ds, batches, collate), total=len(batches), desc="predict", disable=not progress,
-                           dynamic_ncols=True):
+    for idx, batch in tqdm(
+        iterate(ds, batches, collate), total=len(batches), desc="predict", disable=not progress, dynamic_ncols=True
+    ):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             values = forward(model, batch).float().cpu()

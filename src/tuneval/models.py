@@ -12,8 +12,15 @@ from tuneval.errors import ModelError
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
 )
 
 
@@ -46,8 +53,10 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{source}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                         "check the model source") from None
+        raise ModelError(
+            f"{source}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "check the model source"
+        ) from None
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token
@@ -64,8 +73,10 @@ def load_config(source: str, revision: str | None = None, trust_remote_code: boo
     try:
         return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{source}: not a loadable model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                         "check models.*.source") from None
+        raise ModelError(
+            f"{source}: not a loadable model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "check models.*.source"
+        ) from None
 
 
 def load_backbone(source: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -73,11 +84,14 @@ def load_backbone(source: str, revision: str | None = None, trust_remote_code: b
     from transformers import AutoModel
 
     try:
-        return AutoModel.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code,
-                                         dtype="float32")
+        return AutoModel.from_pretrained(
+            source, revision=revision, trust_remote_code=trust_remote_code, dtype="float32"
+        )
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{source}: cannot load model weights ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); check that the folder holds a saved model") from None
+        raise ModelError(
+            f"{source}: cannot load model weights ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); check that the folder holds a saved model"
+        ) from None
 
 
 def is_causal_lm(config: Any) -> bool:

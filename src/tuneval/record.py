@@ -33,9 +33,14 @@ class RunRecord:
         tracker = Tracker(settings.tracking_uri, settings.artifact_root) if settings.track else None
         record = cls(run=run, tracker=tracker)
         if tracker is not None:
-            tags = {"tuneval.pipeline": run.pipeline, "tuneval.model": run.model_name,
-                    "tuneval.benchmark": run.benchmark_name, "tuneval.seed": str(run.seed),
-                    "tuneval.problem": run.benchmark.problem, "prefect.flow_run_id": flow_run_id or ""}
+            tags = {
+                "tuneval.pipeline": run.pipeline,
+                "tuneval.model": run.model_name,
+                "tuneval.benchmark": run.benchmark_name,
+                "tuneval.seed": str(run.seed),
+                "tuneval.problem": run.benchmark.problem,
+                "prefect.flow_run_id": flow_run_id or "",
+            }
             record.mlflow_run_id = tracker.start(run.pipeline, run.run_name, tags)
             tracker.log_params(record.mlflow_run_id, run.params())
         return record
@@ -52,20 +57,39 @@ class RunRecord:
         meta = outcome.ref.meta()
         if stage == "load":
             for split, info in meta["splits"].items():
-                t.log_dataset(rid, f"{self.run.benchmark_name}/{split}", outcome.ref.fingerprint, info["source"],
-                              split, info["rows"])
+                t.log_dataset(
+                    rid,
+                    f"{self.run.benchmark_name}/{split}",
+                    outcome.ref.fingerprint,
+                    info["source"],
+                    split,
+                    info["rows"],
+                )
         elif stage == "prepare":
-            t.log_params(rid, {"data": {s: {"rows": m["rows"], "mean_tokens": round(m["mean_tokens"], 2),
-                                            "truncated": m["truncated"]} for s, m in meta["splits"].items()},
-                               "label_names": meta["label_names"]})
+            t.log_params(
+                rid,
+                {
+                    "data": {
+                        s: {"rows": m["rows"], "mean_tokens": round(m["mean_tokens"], 2), "truncated": m["truncated"]}
+                        for s, m in meta["splits"].items()
+                    },
+                    "label_names": meta["label_names"],
+                },
+            )
         elif stage == "finetune":
             history = json.loads((folder / "history.json").read_text())
-            t.log_series(rid, [(h["step"], {"train_loss": h["loss"], "learning_rate": h["learning_rate"]})
-                               for h in history])
+            t.log_series(
+                rid, [(h["step"], {"train_loss": h["loss"], "learning_rate": h["learning_rate"]}) for h in history]
+            )
             epochs = json.loads((folder / "epochs.json").read_text())
             t.log_series(rid, [(e["epoch"], {f"val_{k}": v for k, v in e.items() if k != "epoch"}) for e in epochs])
-            t.log_metrics(rid, {k: meta[k] for k in ("train_seconds", "samples_per_second",
-                                                     "real_tokens_per_second", "trainable_parameters")})
+            t.log_metrics(
+                rid,
+                {
+                    k: meta[k]
+                    for k in ("train_seconds", "samples_per_second", "real_tokens_per_second", "trainable_parameters")
+                },
+            )
             t.set_tags(rid, {"tuneval.device": meta["device"], "tuneval.precision": meta["precision"]})
             t.log_artifacts(rid, folder / "model", "model")
         elif stage == "predict":
@@ -92,10 +116,16 @@ class RunRecord:
 
     def result(self) -> dict[str, Any]:
         return {
-            "pipeline": self.run.pipeline, "model": self.run.model_name, "benchmark": self.run.benchmark_name,
-            "seed": self.run.seed, "status": "failed" if self.error else "completed",
-            "mlflow_run_id": self.mlflow_run_id, "stages": self.stages, "metrics": self.metrics,
-            "error": self.error, "seconds": round(time.time() - self.started, 3),
+            "pipeline": self.run.pipeline,
+            "model": self.run.model_name,
+            "benchmark": self.run.benchmark_name,
+            "seed": self.run.seed,
+            "status": "failed" if self.error else "completed",
+            "mlflow_run_id": self.mlflow_run_id,
+            "stages": self.stages,
+            "metrics": self.metrics,
+            "error": self.error,
+            "seconds": round(time.time() - self.started, 3),
         }
 
 

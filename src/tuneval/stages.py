@@ -36,8 +36,9 @@ def _store(settings: Settings) -> Store:
 def load(run: RunSpec, settings: Settings, force: bool = False) -> StageOutcome:
     spec = {"data": data.source_identity(run.benchmark.data)}
     key, parts = stage_key("load", CODE_VERSION["load"], spec, {})
-    return _store(settings).get_or_build("load", key, parts, lambda out: data.materialise(run.benchmark.data, out),
-                                         force)
+    return _store(settings).get_or_build(
+        "load", key, parts, lambda out: data.materialise(run.benchmark.data, out), force
+    )
 
 
 def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool = False) -> StageOutcome:
@@ -45,11 +46,17 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
     t = run.train
     spec = {
         "benchmark": run.benchmark.model_dump(mode="json", exclude={"data", "metrics"}),
-        "caps": {"train": t.max_train_samples, "validation": t.max_eval_samples, "test": t.max_test_samples,
-                 "data_seed": t.data_seed},
+        "caps": {
+            "train": t.max_train_samples,
+            "validation": t.max_eval_samples,
+            "test": t.max_test_samples,
+            "data_seed": t.data_seed,
+        },
     }
-    upstream = {"load": loaded.fingerprint,
-                "tokenizer": models.files_fingerprint(run.model_path, run.model.revision, models.TOKENIZER_FILES)}
+    upstream = {
+        "load": loaded.fingerprint,
+        "tokenizer": models.files_fingerprint(run.model_path, run.model.revision, models.TOKENIZER_FILES),
+    }
     key, parts = stage_key("prepare", CODE_VERSION["prepare"], spec, upstream)
 
     def build(out: Path) -> dict[str, Any]:
@@ -67,24 +74,40 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
             tok = problem.tokenize(ds, tokenizer, run.benchmark, label_names)
             tok.save_to_disk(str(out / split))
             lengths = [len(x) for x in tok["input_ids"]]
-            summary[split] = {"rows": len(tok), "mean_tokens": sum(lengths) / len(lengths),
-                              "max_tokens": max(lengths),
-                              "truncated": sum(n >= run.benchmark.max_length for n in lengths)}
+            summary[split] = {
+                "rows": len(tok),
+                "mean_tokens": sum(lengths) / len(lengths),
+                "max_tokens": max(lengths),
+                "truncated": sum(n >= run.benchmark.max_length for n in lengths),
+            }
         return {"label_names": label_names, "splits": summary}
 
     return _store(settings).get_or_build("prepare", key, parts, build, force)
 
 
-def finetune(run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False,
-             progress: bool = True) -> StageOutcome:
+def finetune(
+    run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False, progress: bool = True
+) -> StageOutcome:
     from tuneval import training
 
     problem = problems.get(run.benchmark.problem)
     # Speed-only knobs stay out of the key: they do not change what is learned.
-    recipe = run.train.model_dump(mode="json", exclude={"eval_batch_size", "log_every_steps", "max_train_samples",
-                                                        "max_eval_samples", "max_test_samples", "data_seed"})
-    spec = {"train": recipe, "seed": run.seed,
-            "model": run.model.model_dump(mode="json", exclude={"source", "revision"})}
+    recipe = run.train.model_dump(
+        mode="json",
+        exclude={
+            "eval_batch_size",
+            "log_every_steps",
+            "max_train_samples",
+            "max_eval_samples",
+            "max_test_samples",
+            "data_seed",
+        },
+    )
+    spec = {
+        "train": recipe,
+        "seed": run.seed,
+        "model": run.model.model_dump(mode="json", exclude={"source", "revision"}),
+    }
     upstream = {"prepare": prepared.fingerprint, "model": models.files_fingerprint(run.model_path, run.model.revision)}
     key, parts = stage_key("finetune", CODE_VERSION["finetune"], spec, upstream)
 
@@ -101,41 +124,81 @@ def finetune(run: RunSpec, settings: Settings, prepared: ArtifactRef, force: boo
         precision = training.resolve_precision(run.train.precision, device)
 
         def evaluate(m: Any) -> dict[str, float]:
-            return problem.validation_metrics(m, val_ds, tokenizer.pad_token_id, tokenizer.padding_side, device,
-                                              run.train.eval_batch_size, precision, label_names)
+            return problem.validation_metrics(
+                m,
+                val_ds,
+                tokenizer.pad_token_id,
+                tokenizer.padding_side,
+                device,
+                run.train.eval_batch_size,
+                precision,
+                label_names,
+            )
 
-        result = training.train(model, train_ds, run.train, run.seed, problem.loss_fn,
-                                evaluate if val_ds is not None else None, tokenizer.pad_token_id,
-                                tokenizer.padding_side, device, progress=progress)
+        result = training.train(
+            model,
+            train_ds,
+            run.train,
+            run.seed,
+            problem.loss_fn,
+            evaluate if val_ds is not None else None,
+            tokenizer.pad_token_id,
+            tokenizer.padding_side,
+            device,
+            progress=progress,
+        )
         problem.save_model(model.cpu(), tokenizer, out / "model", label_names)
         (out / "history.json").write_text(json.dumps(result.history))
         (out / "epochs.json").write_text(json.dumps(result.epochs))
         secs = max(result.train_seconds, 1e-9)
         return {
-            "device": str(device), "precision": result.precision, "kept_epoch": result.kept_epoch,
-            "train_seconds": result.train_seconds, "optimizer_steps": result.optimizer_steps,
-            "samples_per_second": result.samples / secs, "real_tokens_per_second": result.real_tokens / secs,
-            "trainable_parameters": result.trainable_parameters, "label_names": label_names,
+            "device": str(device),
+            "precision": result.precision,
+            "kept_epoch": result.kept_epoch,
+            "train_seconds": result.train_seconds,
+            "optimizer_steps": result.optimizer_steps,
+            "samples_per_second": result.samples / secs,
+            "real_tokens_per_second": result.real_tokens / secs,
+            "trainable_parameters": result.trainable_parameters,
+            "label_names": label_names,
         }
 
     return _store(settings).get_or_build("finetune", key, parts, build, force)
 
 
-def predict(run: RunSpec, settings: Settings, tuned: ArtifactRef, prepared: ArtifactRef,
-            force: bool = False, progress: bool = True) -> StageOutcome:
+def predict(
+    run: RunSpec,
+    settings: Settings,
+    tuned: ArtifactRef,
+    prepared: ArtifactRef,
+    force: bool = False,
+    progress: bool = True,
+) -> StageOutcome:
     from tuneval import inference, training
 
     problem = problems.get(run.benchmark.problem)
-    key, parts = stage_key("predict", CODE_VERSION["predict"], {"split": "test"},
-                           {"finetune": tuned.fingerprint, "prepare": prepared.fingerprint})
+    key, parts = stage_key(
+        "predict",
+        CODE_VERSION["predict"],
+        {"split": "test"},
+        {"finetune": tuned.fingerprint, "prepare": prepared.fingerprint},
+    )
 
     def build(out: Path) -> dict[str, Any]:
         model, tokenizer, head = problem.load_model(tuned.dir / "model")
         device = training.resolve_device(settings.device)
         test = data.open_split(prepared.path, "test")
-        logits = inference.predict_outputs(model, test, problem.forward_logits, tokenizer.pad_token_id,
-                                           tokenizer.padding_side, device, run.train.eval_batch_size,
-                                           tuned.meta()["precision"], progress=progress)
+        logits = inference.predict_outputs(
+            model,
+            test,
+            problem.forward_logits,
+            tokenizer.pad_token_id,
+            tokenizer.padding_side,
+            device,
+            run.train.eval_batch_size,
+            tuned.meta()["precision"],
+            progress=progress,
+        )
         table = problem.predictions_table(test["example_id"], test["labels"], logits, head["label_names"])
         write_parquet(table, out / "predictions.parquet")
         return {"rows": len(test), "split": "test"}
@@ -143,8 +206,9 @@ def predict(run: RunSpec, settings: Settings, tuned: ArtifactRef, prepared: Arti
     return _store(settings).get_or_build("predict", key, parts, build, force)
 
 
-def score(run: RunSpec, settings: Settings, predicted: ArtifactRef, prepared: ArtifactRef,
-          force: bool = False) -> StageOutcome:
+def score(
+    run: RunSpec, settings: Settings, predicted: ArtifactRef, prepared: ArtifactRef, force: bool = False
+) -> StageOutcome:
     problem = problems.get(run.benchmark.problem)
     names = list(run.benchmark.metrics)
     spec = {"metrics": names, "settings": {n: metrics.settings(n) for n in names}}

@@ -29,7 +29,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri
         self.artifact_root = artifact_root
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -45,8 +45,10 @@ class Tracker:
             else:
                 self.client.search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001
-            raise TunevalError(f"MLflow tracking URI {self.uri} cannot be reached ({type(e).__name__}); "
-                               "start the server, fix MLFLOW_TRACKING_URI, or pass --no-track") from None
+            raise TunevalError(
+                f"MLflow tracking URI {self.uri} cannot be reached ({type(e).__name__}); "
+                "start the server, fix MLFLOW_TRACKING_URI, or pass --no-track"
+            ) from None
 
     def experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -62,8 +64,7 @@ class Tracker:
             return exp.experiment_id
 
     def start(self, experiment: str, run_name: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment(experiment), run_name=run_name,
-                                     tags={**base_tags(), **tags})
+        run = self.client.create_run(self.experiment(experiment), run_name=run_name, tags={**base_tags(), **tags})
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -71,7 +72,7 @@ class Tracker:
 
         items = [Param(k[:MAX_KEY], _param_value(k, v)) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
-            self._safe(self.client.log_batch, run_id, params=items[i:i + 100])
+            self._safe(self.client.log_batch, run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
         self.log_series(run_id, [(step, values)])
@@ -82,10 +83,14 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k[:MAX_KEY], float(v), now, step) for step, vals in rows for k, v in vals.items()
-                 if isinstance(v, (int, float))]
+        items = [
+            Metric(k[:MAX_KEY], float(v), now, step)
+            for step, vals in rows
+            for k, v in vals.items()
+            if isinstance(v, (int, float))
+        ]
         for i in range(0, len(items), 1000):
-            self._safe(self.client.log_batch, run_id, metrics=items[i:i + 1000])
+            self._safe(self.client.log_batch, run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
@@ -103,8 +108,14 @@ class Tracker:
     def log_dataset(self, run_id: str, name: str, digest: str, source: str, context: str, rows: int) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        ds = Dataset(name=name, digest=digest[:36], source_type="local" if os.path.exists(source) else "hub",
-                     source=f'{{"uri": "{source}"}}', schema=None, profile=f'{{"num_rows": {rows}}}')
+        ds = Dataset(
+            name=name,
+            digest=digest[:36],
+            source_type="local" if os.path.exists(source) else "hub",
+            source=f'{{"uri": "{source}"}}',
+            schema=None,
+            profile=f'{{"num_rows": {rows}}}',
+        )
         self._safe(self.client.log_inputs, run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
 
     def finish(self, run_id: str, ok: bool) -> None:
@@ -132,7 +143,7 @@ def _param_value(key: str, value: Any) -> str:
     if SECRET.search(key):
         return "***"
     text = str(value)
-    return text if len(text) <= MAX_PARAM_VALUE else text[:MAX_PARAM_VALUE - 15] + "...[truncated]"
+    return text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 15] + "...[truncated]"
 
 
 def base_tags() -> dict[str, str]:
@@ -142,8 +153,7 @@ def base_tags() -> dict[str, str]:
 def git_commit() -> str:
     try:
         here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

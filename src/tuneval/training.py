@@ -71,7 +71,7 @@ def apply_trainable(model: nn.Module, trainable: Any) -> int:
             p.requires_grad_(False)
         if not isinstance(trainable, str):  # TopK
             layers = layer_stack(backbone)
-            for layer in list(layers)[-trainable.top_k:]:
+            for layer in list(layers)[-trainable.top_k :]:
                 for p in layer.parameters():
                     p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -84,22 +84,30 @@ def build_optimizer(model: nn.Module, s: TrainSettings, device: torch.device) ->
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_epsilon,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        groups, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_epsilon, fused=device.type == "cuda"
+    )
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)  # never exactly 0: the first step already learns a little
-        return max(0.0, (total - step) / max(1, total - warmup))
+    """transformers' get_linear_schedule_with_warmup, the reference the recipes are quoted in."""
+    from transformers import get_linear_schedule_with_warmup
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
-def train(model: nn.Module, train_ds: Any, s: TrainSettings, seed: int, loss_fn: LossFn,
-          evaluate: EvalFn | None, pad_id: int, padding_side: str, device: torch.device,
-          progress: bool = True) -> TrainResult:
+def train(
+    model: nn.Module,
+    train_ds: Any,
+    s: TrainSettings,
+    seed: int,
+    loss_fn: LossFn,
+    evaluate: EvalFn | None,
+    pad_id: int,
+    padding_side: str,
+    device: torch.device,
+    progress: bool = True,
+) -> TrainResult:
     """Fine-tune ``model`` in place on ``train_ds`` (tokenized, unpadded); return the curves."""
     from tqdm.auto import tqdm
 
@@ -167,4 +175,3 @@ def train(model: nn.Module, train_ds: Any, s: TrainSettings, seed: int, loss_fn:
         model.load_state_dict(best[2])
         result.kept_epoch = best[1]
     return result
-

@@ -187,7 +187,7 @@ def resolve_model_source(model: ModelSpec, root: Path) -> str:
     """
     src = model.source
     if src.startswith(PACKAGE_PREFIX):
-        name = src[len(PACKAGE_PREFIX):]
+        name = src[len(PACKAGE_PREFIX) :]
         spec = importlib.util.find_spec(name) if name.isidentifier() else None
         if spec is None or not spec.submodule_search_locations:
             raise ValueError(
@@ -205,9 +205,7 @@ def resolve_model_source(model: ModelSpec, root: Path) -> str:
         if not local.is_dir():
             raise ValueError(f"model path {local} is not a folder; give a model folder, hub id or package:NAME")
         if not (local / "config.json").is_file():
-            raise ValueError(
-                f"{local} is not a model folder (no config.json); point source at a saved model"
-            )
+            raise ValueError(f"{local} is not a model folder (no config.json); point source at a saved model")
         return str(local)
     if src.count("/") > 1 or not src.strip():
         raise ValueError(f"'{src}' is neither an existing folder nor a hub id like 'org/name'")

@@ -43,10 +43,7 @@ def select_pipelines(loaded: LoadedConfig, names: list[str] | None) -> list[str]
     unknown = [n for n in names if n not in declared]
     if unknown:
         raise ConfigError(
-            [
-                f"{loaded.path.name}: pipelines: no pipeline named '{n}'{_suggest(n, declared)}"
-                for n in unknown
-            ]
+            [f"{loaded.path.name}: pipelines: no pipeline named '{n}'{_suggest(n, declared)}" for n in unknown]
         )
     return names
 

@@ -21,8 +21,12 @@ class MacroPRF(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
-    def _compute(self, predictions: list[int], references: list[int], labels: list[int] | None = None,
-                 ) -> dict[str, float]:
+    def _compute(
+        self,
+        predictions: list[int],
+        references: list[int],
+        labels: list[int] | None = None,
+    ) -> dict[str, float]:
         precision, recall, f1, _ = precision_recall_fscore_support(
             references, predictions, labels=labels, average="macro", zero_division=0
         )

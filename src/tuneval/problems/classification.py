@@ -42,10 +42,10 @@ def check_data(splits: dict[str, Any], bench: Any, sources: dict[str, str]) -> l
                 f"(columns: {', '.join(ds.column_names)}); fix benchmarks.<name>.columns.{field}"
             )
     train_labels = splits["train"][cols.label]
-    kinds = {type(v).__name__ for v in train_labels if v is not None}
-    if len(kinds) > 1 or any(v is None for v in train_labels):
+    kinds = {type(v).__name__ if v is not None else "null" for v in train_labels}
+    if len(kinds) > 1 or "null" in kinds:
         raise DataError(
-            f"{sources['train']}: column '{cols.label}' mixes label types ({', '.join(sorted(kinds | ({'null'} if None in train_labels else set())))}); "
+            f"{sources['train']}: column '{cols.label}' mixes label types ({', '.join(sorted(kinds))}); "
             "make every label a string or every label an integer"
         )
     seen = sorted(set(train_labels), key=lambda v: (str(type(v)), v))
@@ -53,8 +53,10 @@ def check_data(splits: dict[str, Any], bench: Any, sources: dict[str, str]) -> l
         declared = list(bench.labels)
         extra = [v for v in seen if v not in declared]
         if extra:
-            raise DataError(f"{sources['train']}: label {extra[0]!r} is not in benchmarks.<name>.labels {declared}; "
-                            "add it there or fix the data")
+            raise DataError(
+                f"{sources['train']}: label {extra[0]!r} is not in benchmarks.<name>.labels {declared}; "
+                "add it there or fix the data"
+            )
         names = declared
     else:
         names = seen
@@ -87,8 +89,9 @@ def tokenize(ds: Any, tokenizer: Any, bench: Any, label_names: list[Any]) -> Any
         return out
 
     # keep_in_memory: map's cache files would otherwise land inside the (immutable) load artifact.
-    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
-                  keep_in_memory=True, desc="tokenize")
+    return ds.map(
+        encode, batched=True, with_indices=True, remove_columns=ds.column_names, keep_in_memory=True, desc="tokenize"
+    )
 
 
 # ---------------------------------------------------------------- model
@@ -135,8 +138,14 @@ def build_model(model_path: str, model_spec: Any, tokenizer: Any, num_labels: in
         backbone.resize_token_embeddings(len(tokenizer))
     cfg = backbone.config
     if dropout is None:
-        dropout = next((getattr(cfg, a) for a in ("hidden_dropout_prob", "resid_pdrop", "dropout", "hidden_dropout")
-                        if isinstance(getattr(cfg, a, None), float)), 0.1)
+        dropout = next(
+            (
+                getattr(cfg, a)
+                for a in ("hidden_dropout_prob", "resid_pdrop", "dropout", "hidden_dropout")
+                if isinstance(getattr(cfg, a, None), float)
+            ),
+            0.1,
+        )
     return Classifier(backbone, num_labels, resolve_pooling(model_spec.pooling, cfg), dropout)
 
 
@@ -148,10 +157,18 @@ def save_model(model: Classifier, tokenizer: Any, folder: Path, label_names: lis
     tokenizer.save_pretrained(folder / "backbone")
     head = {k: v.detach().cpu().contiguous() for k, v in model.classifier.state_dict().items()}
     save_file(head, str(folder / HEAD_FILE))
-    (folder / HEAD_CONFIG).write_text(json.dumps({
-        "problem": NAME, "pooling": model.pooling, "dropout": model.dropout.p,
-        "num_labels": model.classifier.out_features, "label_names": label_names,
-    }, indent=1))
+    (folder / HEAD_CONFIG).write_text(
+        json.dumps(
+            {
+                "problem": NAME,
+                "pooling": model.pooling,
+                "dropout": model.dropout.p,
+                "num_labels": model.classifier.out_features,
+                "label_names": label_names,
+            },
+            indent=1,
+        )
+    )
 
 
 def load_model(folder: Path) -> tuple[Classifier, Any, dict[str, Any]]:
@@ -178,8 +195,9 @@ def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["labels"])
 
 
-def predictions_table(example_ids: list[str], labels: list[int], logits: torch.Tensor,
-                      label_names: list[Any]) -> dict[str, list[Any]]:
+def predictions_table(
+    example_ids: list[str], labels: list[int], logits: torch.Tensor, label_names: list[Any]
+) -> dict[str, list[Any]]:
     """Per-example rows: id, gold and predicted label (id and name), logits, probability."""
     probs = logits.float().softmax(dim=-1)
     pred = probs.argmax(dim=-1).tolist()
@@ -202,19 +220,32 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(**model_inputs(batch))
 
 
-def validation_metrics(model: nn.Module, ds: Any, pad_id: int, padding_side: str, device: torch.device,
-                       batch_size: int, precision: str, label_names: list[Any]) -> dict[str, float]:
+def validation_metrics(
+    model: nn.Module,
+    ds: Any,
+    pad_id: int,
+    padding_side: str,
+    device: torch.device,
+    batch_size: int,
+    precision: str,
+    label_names: list[Any],
+) -> dict[str, float]:
     """Loss, accuracy and macro-F1 on the validation split (the model is left in eval mode)."""
     from tuneval.inference import predict_outputs
 
     logits = predict_outputs(model, ds, forward_logits, pad_id, padding_side, device, batch_size, precision)
     labels = torch.tensor(ds["labels"])
-    results, _ = score({"label": labels.tolist(), "prediction": logits.argmax(-1).tolist()},
-                       ["accuracy", "f1"], label_names)
+    results, _ = score(
+        {"label": labels.tolist(), "prediction": logits.argmax(-1).tolist()}, ["accuracy", "f1"], label_names
+    )
     return {"loss": float(F.cross_entropy(logits, labels)), **results}
 
 
-def score(table: dict[str, list[Any]], names: list[str], label_names: list[Any]) -> tuple[dict[str, float], dict[str, Any]]:
+def score(
+    table: dict[str, list[Any]],
+    names: list[str],
+    label_names: list[Any],
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics from stored predictions, plus scikit-learn's per-class report."""
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -227,8 +258,9 @@ def score(table: dict[str, list[Any]], names: list[str], label_names: list[Any])
         kwargs = {"labels": ids} if name != "accuracy" else {}
         results.update(metrics.load(name).compute(predictions=preds, references=refs, **kwargs))
     report = {
-        "per_class": classification_report(refs, preds, labels=ids, target_names=[str(n) for n in label_names],
-                                           output_dict=True, zero_division=0),
+        "per_class": classification_report(
+            refs, preds, labels=ids, target_names=[str(n) for n in label_names], output_dict=True, zero_division=0
+        ),
         "confusion_matrix": confusion_matrix(refs, preds, labels=ids).tolist(),
         "label_names": [str(n) for n in label_names],
     }

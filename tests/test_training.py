@@ -1,0 +1,147 @@
+"""The training loop's parts: batching, padding, schedule, accumulation, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tuneval import models
+from tuneval.batching import PAD_LABEL, length_grouped_batches, make_collate, sorted_batches
+from tuneval.config.schema import TrainSettings
+from tuneval.problems import classification as clf
+from tuneval.training import build_optimizer, linear_schedule, train
+
+
+def test_length_grouped_batches_cover_every_index_once_and_are_seeded() -> None:
+    lengths = [(i * 7) % 23 + 1 for i in range(100)]
+    a = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(3), mega=4)
+    b = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(3), mega=4)
+    c = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(4), mega=4)
+    assert a == b and a != c
+    assert sorted(i for batch in a for i in batch) == list(range(100))
+    # Grouping keeps lengths inside a batch close: less padding than random batches.
+    pad = sum(max(lengths[i] for i in bt) * len(bt) - sum(lengths[i] for i in bt) for bt in a)
+    rand = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(3), group=False)
+    pad_rand = sum(max(lengths[i] for i in bt) * len(bt) - sum(lengths[i] for i in bt) for bt in rand)
+    assert pad < pad_rand / 2
+
+
+def test_sorted_batches_longest_first() -> None:
+    batches = sorted_batches([3, 9, 1, 5], 2)
+    assert batches == [[1, 3], [0, 2]]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collate_pads_ids_masks_and_labels(side: str) -> None:
+    rows = [
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1, "example_id": "a"},
+        {"input_ids": [8], "attention_mask": [1], "labels": 0, "example_id": "b"},
+    ]
+    out = make_collate(pad_id=0, padding_side=side, multiple_of=4)(rows)
+    assert out["input_ids"].shape == (2, 4) and "example_id" not in out
+    short = [0, 0, 0, 8] if side == "left" else [8, 0, 0, 0]
+    assert out["input_ids"][1].tolist() == short
+    assert out["attention_mask"][1].tolist() == [int(x != 0) for x in short]
+    assert out["labels"].tolist() == [1, 0]
+    seq = make_collate(0, side)([{"input_ids": [1, 2], "labels": [3, 4]}, {"input_ids": [1], "labels": [3]}])
+    assert PAD_LABEL in seq["labels"][1].tolist()
+
+
+def test_schedule_warms_up_then_decays_to_zero() -> None:
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_schedule(opt, warmup=4, total=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert lrs[-1] == pytest.approx(1 / 6) and sched.get_last_lr()[0] == 0.0
+
+
+def test_no_weight_decay_on_biases_and_norms(model_dir: Path) -> None:
+    model = _model(model_dir)
+    opt = build_optimizer(model, TrainSettings(weight_decay=0.1), torch.device("cpu"))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    named = dict(model.named_parameters())
+    assert id(named["classifier.weight"]) in decayed and id(named["classifier.bias"]) not in decayed
+    assert not any(id(p) in decayed for n, p in named.items() if "LayerNorm" in n)
+
+
+def _model(model_dir: Path) -> clf.Classifier:
+    tok = models.load_tokenizer(str(model_dir / "bert"))
+    spec = SimpleNamespace(revision=None, trust_remote_code=False, pooling="auto")
+    torch.manual_seed(0)
+    model = clf.build_model(str(model_dir / "bert"), spec, tok, 2, dropout=0.0)
+    for m in model.modules():  # no dropout: the comparison below must not depend on mask draws
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _toy_dataset(model_dir: Path):
+    import tiny
+    from datasets import Dataset
+
+    tok = models.load_tokenizer(str(model_dir / "bert"))
+    rows = tiny.sentiment_rows(32, 5)
+    bench = SimpleNamespace(columns=SimpleNamespace(text="text", text_pair=None, label="label", id=None), max_length=32)
+    return clf.tokenize(Dataset.from_list(rows), tok, bench, ["negative", "positive"]), tok
+
+
+def test_gradient_accumulation_matches_the_big_batch(model_dir: Path) -> None:
+    ds, tok = _toy_dataset(model_dir)
+    common = dict(epochs=1, learning_rate=1e-3, warmup_steps=0, group_by_length=False, log_every_steps=1)
+    big, acc = _model(model_dir), _model(model_dir)
+    train(
+        big,
+        ds,
+        TrainSettings(batch_size=16, **common),
+        0,
+        clf.loss_fn,
+        None,
+        tok.pad_token_id,
+        "right",
+        torch.device("cpu"),
+        progress=False,
+    )
+    train(
+        acc,
+        ds,
+        TrainSettings(batch_size=8, gradient_accumulation_steps=2, **common),
+        0,
+        clf.loss_fn,
+        None,
+        tok.pad_token_id,
+        "right",
+        torch.device("cpu"),
+        progress=False,
+    )
+    for (name, p), q in zip(big.named_parameters(), acc.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_same_seed_same_result_other_seed_differs(model_dir: Path) -> None:
+    ds, tok = _toy_dataset(model_dir)
+    s = TrainSettings(epochs=1, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_every_steps=1)
+
+    def run(seed: int) -> list[float]:
+        result = train(
+            _model(model_dir),
+            ds,
+            s,
+            seed,
+            clf.loss_fn,
+            None,
+            tok.pad_token_id,
+            "right",
+            torch.device("cpu"),
+            progress=False,
+        )
+        return [h["loss"] for h in result.history]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
