@@ -35,7 +35,7 @@ def _classifier(path: Path, num_labels: int = 3) -> tuple[clf.Classifier, object
     tok = models.load_tokenizer(str(path))
     spec = SimpleNamespace(revision=None, trust_remote_code=False, pooling="auto")
     torch.manual_seed(0)
-    return clf.build_model(str(path), spec, tok, num_labels, dropout=0.1).eval(), tok
+    return clf.new_classifier(str(path), spec, tok, num_labels, dropout=0.1).eval(), tok
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
@@ -79,11 +79,11 @@ def test_encoder_first_token_is_cls(model_dir: Path) -> None:
 
 def test_save_and_load_roundtrip(model_dir: Path, tmp_path: Path) -> None:
     model, tok = _classifier(model_dir / "bert", num_labels=2)
-    clf.save_model(model, tok, tmp_path / "m", ["neg", "pos"])
-    again, _, head = clf.load_model(tmp_path / "m")
+    clf.save_model(model, tok, tmp_path / "m", {"label_names": ["neg", "pos"]})
+    again, _, info = clf.load_model(tmp_path / "m")
     enc = tok(["a great film"], return_tensors="pt")
     torch.testing.assert_close(model(**enc), again.eval()(**enc))
-    assert head["label_names"] == ["neg", "pos"] and head["pooling"] == "first"
+    assert info["label_names"] == ["neg", "pos"] and again.pooling == "first"
 
 
 def test_trainable_head_only_and_top_k(model_dir: Path) -> None:

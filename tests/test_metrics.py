@@ -36,7 +36,9 @@ def test_settings_are_recorded_per_metric() -> None:
 def test_score_adds_per_class_report() -> None:
     from tuneval.problems.classification import score
 
-    results, report = score({"label": [0, 0, 1, 1], "prediction": [0, 1, 1, 1]}, ["accuracy", "f1"], ["neg", "pos"])
+    results, report = score(
+        {"label": [0, 0, 1, 1], "prediction": [0, 1, 1, 1]}, ["accuracy", "f1"], {"label_names": ["neg", "pos"]}
+    )
     assert results["accuracy"] == 0.75
     assert report["confusion_matrix"] == [[1, 1], [0, 2]]
     assert report["per_class"]["pos"]["recall"] == 1.0

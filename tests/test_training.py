@@ -75,7 +75,7 @@ def _model(model_dir: Path) -> clf.Classifier:
     tok = models.load_tokenizer(str(model_dir / "bert"))
     spec = SimpleNamespace(revision=None, trust_remote_code=False, pooling="auto")
     torch.manual_seed(0)
-    model = clf.build_model(str(model_dir / "bert"), spec, tok, 2, dropout=0.0)
+    model = clf.new_classifier(str(model_dir / "bert"), spec, tok, 2, dropout=0.0)
     for m in model.modules():  # no dropout: the comparison below must not depend on mask draws
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -89,7 +89,8 @@ def _toy_dataset(model_dir: Path):
     tok = models.load_tokenizer(str(model_dir / "bert"))
     rows = tiny.sentiment_rows(32, 5)
     bench = SimpleNamespace(columns=SimpleNamespace(text="text", text_pair=None, label="label", id=None), max_length=32)
-    return clf.tokenize(Dataset.from_list(rows), tok, bench, ["negative", "positive"]), tok
+    info = {"label_names": ["negative", "positive"]}
+    return clf.prepare_split(Dataset.from_list(rows), tok, bench, info), tok
 
 
 def test_gradient_accumulation_matches_the_big_batch(model_dir: Path) -> None:

@@ -70,10 +70,15 @@ class RunRecord:
                 rid,
                 {
                     "data": {
-                        s: {"rows": m["rows"], "mean_tokens": round(m["mean_tokens"], 2), "truncated": m["truncated"]}
+                        s: {
+                            "examples": m["examples"],
+                            "rows": m["rows"],
+                            "mean_tokens": round(m["mean_tokens"], 2),
+                            "truncated": m["truncated"],
+                        }
                         for s, m in meta["splits"].items()
                     },
-                    "label_names": meta["label_names"],
+                    "data_info": meta["info"],
                 },
             )
         elif stage == "finetune":

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from tuneval import data, metrics, models, problems
 from tuneval.artifacts import ArtifactRef, StageOutcome, Store, stage_key
 from tuneval.config.runs import RunSpec
+from tuneval.problems.base import Runtime
 from tuneval.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,10 @@ def load(run: RunSpec, settings: Settings, force: bool = False) -> StageOutcome:
 def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool = False) -> StageOutcome:
     problem = problems.get(run.benchmark.problem)
     t = run.train
+    caps = {"train": t.max_train_samples, "validation": t.max_eval_samples, "test": t.max_test_samples}
     spec = {
         "benchmark": run.benchmark.model_dump(mode="json", exclude={"data", "metrics"}),
-        "caps": {
-            "train": t.max_train_samples,
-            "validation": t.max_eval_samples,
-            "test": t.max_test_samples,
-            "data_seed": t.data_seed,
-        },
+        "caps": {**caps, "data_seed": t.data_seed},
     }
     upstream = {
         "load": loaded.fingerprint,
@@ -62,27 +59,43 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
     def build(out: Path) -> dict[str, Any]:
         split_meta = loaded.meta()["splits"]
         splits = {s: data.open_split(loaded.path, s) for s in split_meta}
-        label_names = problem.check_data(splits, run.benchmark, {s: m["source"] for s, m in split_meta.items()})
+        info = problem.check_data(splits, run.benchmark, {s: m["source"] for s, m in split_meta.items()})
         tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
-        caps = {"train": t.max_train_samples, "validation": t.max_eval_samples, "test": t.max_test_samples}
         summary = {}
         for split, ds in splits.items():
             cap = caps.get(split)
             if cap and cap < len(ds):
                 # A fixed data_seed: every seed and every model sees the same subset.
                 ds = ds.shuffle(seed=t.data_seed, keep_in_memory=True).select(range(cap), keep_in_memory=True)
-            tok = problem.tokenize(ds, tokenizer, run.benchmark, label_names)
+            tok = problem.prepare_split(ds, tokenizer, run.benchmark, info, split)
             tok.save_to_disk(str(out / split))
             lengths = [len(x) for x in tok["input_ids"]]
             summary[split] = {
+                "examples": len(ds),
                 "rows": len(tok),
                 "mean_tokens": sum(lengths) / len(lengths),
                 "max_tokens": max(lengths),
-                "truncated": sum(n >= run.benchmark.max_length for n in lengths),
+                "truncated": sum(n >= _max_len(run) for n in lengths),
             }
-        return {"label_names": label_names, "splits": summary}
+        return {"info": info, "splits": summary}
 
     return _store(settings).get_or_build("prepare", key, parts, build, force)
+
+
+def _max_len(run: RunSpec) -> int:
+    return int(getattr(run.benchmark, "max_length", 0) or 1 << 30)
+
+
+def _runtime(run: RunSpec, settings: Settings, precision: str, progress: bool) -> Runtime:
+    from tuneval import training
+
+    device = training.resolve_device(settings.device)
+    return Runtime(
+        device=device,
+        precision=training.resolve_precision(precision, device),
+        batch_size=run.train.eval_batch_size,
+        progress=progress,
+    )
 
 
 def finetune(
@@ -113,27 +126,17 @@ def finetune(
 
     def build(out: Path) -> dict[str, Any]:
         prep_meta = prepared.meta()
-        label_names = prep_meta["label_names"]
-        device = training.resolve_device(settings.device)
+        info = prep_meta["info"]
+        rt = _runtime(run, settings, run.train.precision, progress=False)
         training.seed_everything(run.seed)
         tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
-        model = problem.build_model(run.model_path, run.model, tokenizer, len(label_names), run.train.dropout)
+        model = problem.build_model(run, tokenizer, info)
         train_ds = data.open_split(prepared.path, "train")
-        has_val = "validation" in prep_meta["splits"]
-        val_ds = data.open_split(prepared.path, "validation") if has_val else None
-        precision = training.resolve_precision(run.train.precision, device)
+        train_ds = train_ds.select_columns([c for c in problem.TRAIN_COLUMNS if c in train_ds.column_names])
+        val_ds = data.open_split(prepared.path, "validation") if "validation" in prep_meta["splits"] else None
 
         def evaluate(m: Any) -> dict[str, float]:
-            return problem.validation_metrics(
-                m,
-                val_ds,
-                tokenizer.pad_token_id,
-                tokenizer.padding_side,
-                device,
-                run.train.eval_batch_size,
-                precision,
-                label_names,
-            )
+            return problem.evaluate(m, tokenizer, val_ds, info, rt)
 
         result = training.train(
             model,
@@ -144,15 +147,15 @@ def finetune(
             evaluate if val_ds is not None else None,
             tokenizer.pad_token_id,
             tokenizer.padding_side,
-            device,
+            rt.device,
             progress=progress,
         )
-        problem.save_model(model.cpu(), tokenizer, out / "model", label_names)
+        problem.save_model(model.cpu(), tokenizer, out / "model", info)
         (out / "history.json").write_text(json.dumps(result.history))
         (out / "epochs.json").write_text(json.dumps(result.epochs))
         secs = max(result.train_seconds, 1e-9)
         return {
-            "device": str(device),
+            "device": str(rt.device),
             "precision": result.precision,
             "kept_epoch": result.kept_epoch,
             "train_seconds": result.train_seconds,
@@ -160,7 +163,7 @@ def finetune(
             "samples_per_second": result.samples / secs,
             "real_tokens_per_second": result.real_tokens / secs,
             "trainable_parameters": result.trainable_parameters,
-            "label_names": label_names,
+            "info": info,
         }
 
     return _store(settings).get_or_build("finetune", key, parts, build, force)
@@ -174,8 +177,6 @@ def predict(
     force: bool = False,
     progress: bool = True,
 ) -> StageOutcome:
-    from tuneval import inference, training
-
     problem = problems.get(run.benchmark.problem)
     key, parts = stage_key(
         "predict",
@@ -185,23 +186,11 @@ def predict(
     )
 
     def build(out: Path) -> dict[str, Any]:
-        model, tokenizer, head = problem.load_model(tuned.dir / "model")
-        device = training.resolve_device(settings.device)
-        test = data.open_split(prepared.path, "test")
-        logits = inference.predict_outputs(
-            model,
-            test,
-            problem.forward_logits,
-            tokenizer.pad_token_id,
-            tokenizer.padding_side,
-            device,
-            run.train.eval_batch_size,
-            tuned.meta()["precision"],
-            progress=progress,
-        )
-        table = problem.predictions_table(test["example_id"], test["labels"], logits, head["label_names"])
+        model, tokenizer, info = problem.load_model(tuned.dir / "model")
+        rt = _runtime(run, settings, tuned.meta()["precision"], progress)
+        table = problem.predict(model, tokenizer, data.open_split(prepared.path, "test"), info, rt)
         write_parquet(table, out / "predictions.parquet")
-        return {"rows": len(test), "split": "test"}
+        return {"rows": len(next(iter(table.values()))), "split": "test"}
 
     return _store(settings).get_or_build("predict", key, parts, build, force)
 
@@ -212,11 +201,13 @@ def score(
     problem = problems.get(run.benchmark.problem)
     names = list(run.benchmark.metrics)
     spec = {"metrics": names, "settings": {n: metrics.settings(n) for n in names}}
-    key, parts = stage_key("score", CODE_VERSION["score"], spec, {"predict": predicted.fingerprint})
+    key, parts = stage_key(
+        "score", CODE_VERSION["score"], spec, {"predict": predicted.fingerprint, "prepare": prepared.fingerprint}
+    )
 
     def build(out: Path) -> dict[str, Any]:
         table = pq.read_table(predicted.dir / "predictions.parquet").to_pydict()
-        results, report = problem.score(table, names, prepared.meta()["label_names"])
+        results, report = problem.score(table, names, prepared.meta()["info"])
         (out / "metrics.json").write_text(json.dumps(results, indent=1))
         (out / "report.json").write_text(json.dumps(report, indent=1))
         return {"metrics": results, "settings": spec["settings"]}

@@ -8,7 +8,6 @@ padding both work and a pad token equal to eos does no harm.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,11 @@ import torch.nn.functional as F
 
 from tuneval import models
 from tuneval.errors import DataError
+from tuneval.problems.base import Runtime
 
 NAME = "classification"
 METRICS = ("accuracy", "f1", "precision", "recall")
+TRAIN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 HEAD_FILE = "head.safetensors"
 HEAD_CONFIG = "tuneval_head.json"
 
@@ -29,8 +30,8 @@ HEAD_CONFIG = "tuneval_head.json"
 # ---------------------------------------------------------------- data checks and formatting
 
 
-def check_data(splits: dict[str, Any], bench: Any, sources: dict[str, str]) -> list[Any]:
-    """Check columns and labels of every split; return the label names in id order."""
+def check_data(splits: dict[str, Any], bench: Any, sources: dict[str, str]) -> dict[str, Any]:
+    """Check columns and labels of every split; return ``{"label_names": [...]}`` in id order."""
     cols = bench.columns
     wanted = [c for c in (cols.text, cols.text_pair, cols.label, cols.id) if c]
     for split, ds in splits.items():
@@ -72,13 +73,13 @@ def check_data(splits: dict[str, Any], bench: Any, sources: dict[str, str]) -> l
                 f"{sources[split]}: label {value!r} ({count} rows) never occurs in train "
                 f"(train labels: {names}); fix the data or declare benchmarks.<name>.labels"
             )
-    return names
+    return {"label_names": names}
 
 
-def tokenize(ds: Any, tokenizer: Any, bench: Any, label_names: list[Any]) -> Any:
+def prepare_split(ds: Any, tokenizer: Any, bench: Any, info: dict[str, Any], split: str = "train") -> Any:
     """Token ids without padding (collate pads each batch), labels as ids, a stable example id."""
     cols = bench.columns
-    label2id = {v: i for i, v in enumerate(label_names)}
+    label2id = {v: i for i, v in enumerate(info["label_names"])}
 
     def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
         pair = batch[cols.text_pair] if cols.text_pair else None
@@ -132,7 +133,17 @@ def resolve_pooling(requested: str, config: Any) -> str:
     return "last" if models.is_causal_lm(config) else "first"
 
 
-def build_model(model_path: str, model_spec: Any, tokenizer: Any, num_labels: int, dropout: float | None) -> Classifier:
+def build_model(run: Any, tokenizer: Any, info: dict[str, Any]) -> Classifier:
+    return new_classifier(run.model_path, run.model, tokenizer, len(info["label_names"]), run.train.dropout)
+
+
+def new_classifier(
+    model_path: str,
+    model_spec: Any,
+    tokenizer: Any,
+    num_labels: int,
+    dropout: float | None,
+) -> Classifier:
     backbone = models.load_backbone(model_path, model_spec.revision, model_spec.trust_remote_code)
     if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
         backbone.resize_token_embeddings(len(tokenizer))
@@ -149,7 +160,7 @@ def build_model(model_path: str, model_spec: Any, tokenizer: Any, num_labels: in
     return Classifier(backbone, num_labels, resolve_pooling(model_spec.pooling, cfg), dropout)
 
 
-def save_model(model: Classifier, tokenizer: Any, folder: Path, label_names: list[Any]) -> None:
+def save_model(model: Classifier, tokenizer: Any, folder: Path, info: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,7 +175,7 @@ def save_model(model: Classifier, tokenizer: Any, folder: Path, label_names: lis
                 "pooling": model.pooling,
                 "dropout": model.dropout.p,
                 "num_labels": model.classifier.out_features,
-                "label_names": label_names,
+                "label_names": info["label_names"],
             },
             indent=1,
         )
@@ -180,7 +191,7 @@ def load_model(folder: Path) -> tuple[Classifier, Any, dict[str, Any]]:
     tokenizer = models.load_tokenizer(str(folder / "backbone"))
     model = Classifier(backbone, head_cfg["num_labels"], head_cfg["pooling"], head_cfg["dropout"])
     model.classifier.load_state_dict(load_file(str(folder / HEAD_FILE)))
-    return model, tokenizer, head_cfg
+    return model, tokenizer, {"label_names": head_cfg["label_names"]}
 
 
 # ---------------------------------------------------------------- loss, evaluation, post-processing
@@ -195,62 +206,62 @@ def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["labels"])
 
 
-def predictions_table(
-    example_ids: list[str], labels: list[int], logits: torch.Tensor, label_names: list[Any]
-) -> dict[str, list[Any]]:
-    """Per-example rows: id, gold and predicted label (id and name), logits, probability."""
-    probs = logits.float().softmax(dim=-1)
-    pred = probs.argmax(dim=-1).tolist()
-    return {
-        "example_id": example_ids,
-        "label": labels,
-        "label_name": [str(label_names[i]) for i in labels],
-        "prediction": pred,
-        "prediction_name": [str(label_names[i]) for i in pred],
-        "probability": [float(probs[i, p]) for i, p in enumerate(pred)],
-        "logits": logits.float().tolist(),
-    }
-
-
-def num_steps(n_examples: int, batch_size: int, accumulation: int, epochs: int) -> int:
-    return math.ceil(math.ceil(n_examples / batch_size) / accumulation) * epochs
-
-
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**model_inputs(batch))
 
 
-def validation_metrics(
-    model: nn.Module,
-    ds: Any,
-    pad_id: int,
-    padding_side: str,
-    device: torch.device,
-    batch_size: int,
-    precision: str,
-    label_names: list[Any],
-) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 on the validation split (the model is left in eval mode)."""
+def _logits(model: nn.Module, tokenizer: Any, ds: Any, rt: Runtime) -> torch.Tensor:
     from tuneval.inference import predict_outputs
 
-    logits = predict_outputs(model, ds, forward_logits, pad_id, padding_side, device, batch_size, precision)
-    labels = torch.tensor(ds["labels"])
-    results, _ = score(
-        {"label": labels.tolist(), "prediction": logits.argmax(-1).tolist()}, ["accuracy", "f1"], label_names
+    return predict_outputs(
+        model,
+        ds,
+        forward_logits,
+        tokenizer.pad_token_id,
+        tokenizer.padding_side,
+        rt.device,
+        rt.batch_size,
+        rt.precision,
+        progress=rt.progress,
     )
+
+
+def evaluate(model: nn.Module, tokenizer: Any, ds: Any, info: dict[str, Any], rt: Runtime) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 on the validation split (the model is left in eval mode)."""
+    logits = _logits(model, tokenizer, ds, rt)
+    labels = torch.tensor(ds["labels"])
+    results, _ = score({"label": labels.tolist(), "prediction": logits.argmax(-1).tolist()}, ["accuracy", "f1"], info)
     return {"loss": float(F.cross_entropy(logits, labels)), **results}
+
+
+def predict(model: nn.Module, tokenizer: Any, ds: Any, info: dict[str, Any], rt: Runtime) -> dict[str, list[Any]]:
+    """Per-example rows: id, gold and predicted label (id and name), probability, logits."""
+    logits = _logits(model, tokenizer, ds, rt)
+    names, labels = info["label_names"], ds["labels"]
+    probs = logits.softmax(dim=-1)
+    pred = probs.argmax(dim=-1).tolist()
+    return {
+        "example_id": ds["example_id"],
+        "label": labels,
+        "label_name": [str(names[i]) for i in labels],
+        "prediction": pred,
+        "prediction_name": [str(names[i]) for i in pred],
+        "probability": [float(probs[i, p]) for i, p in enumerate(pred)],
+        "logits": logits.tolist(),
+    }
 
 
 def score(
     table: dict[str, list[Any]],
     names: list[str],
-    label_names: list[Any],
+    info: dict[str, Any],
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics from stored predictions, plus scikit-learn's per-class report."""
     from sklearn.metrics import classification_report, confusion_matrix
 
     from tuneval import metrics
 
+    label_names = info["label_names"]
     refs, preds = table["label"], table["prediction"]
     ids = list(range(len(label_names)))
     results: dict[str, float] = {}
