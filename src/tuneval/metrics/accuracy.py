@@ -8,7 +8,6 @@ import datasets
 import evaluate
 from sklearn.metrics import accuracy_score
 
-SETTINGS = {"library": "scikit-learn accuracy_score", "normalize": True}
 
 
 class Accuracy(evaluate.Metric):

@@ -9,7 +9,6 @@ import datasets
 import evaluate
 from sklearn.metrics import precision_recall_fscore_support
 
-SETTINGS = {"library": "scikit-learn precision_recall_fscore_support", "average": "macro", "zero_division": 0}
 
 
 class MacroPRF(evaluate.Metric):
