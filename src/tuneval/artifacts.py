@@ -116,6 +116,10 @@ class Store:
     def folder(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def work_dir(self, stage: str, key: str) -> Path:
+        """Scratch space that survives a crash (checkpoints), beside the artifact, never inside it."""
+        return self.root / stage / f"{key}.work"
+
     def lookup(self, stage: str, key: str) -> ArtifactRef | None:
         folder = self.folder(stage, key)
         if not folder.exists():

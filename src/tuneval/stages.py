@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tuneval import checkpoints as ckpt
 from tuneval import data, metrics, models, problems
 from tuneval.artifacts import ArtifactRef, StageOutcome, Store, stage_key
 from tuneval.config.runs import RunSpec
@@ -25,6 +26,10 @@ from tuneval.settings import Settings
 log = logging.getLogger(__name__)
 
 ORDER = ("load", "prepare", "finetune", "predict", "score")
+# Train settings that do not change what is learned (resume is exact), and the data caps that
+# the prepare stage's key already holds: both stay out of the finetune key.
+SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
+CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
 CODE_VERSION = {"load": 1, "prepare": 1, "finetune": 1, "predict": 1, "score": 1}
@@ -138,7 +143,7 @@ def finetune(
         def evaluate(m: Any) -> dict[str, float]:
             return problem.evaluate(m, tokenizer, val_ds, info, rt)
 
-        result = training.train(
+        result = training.fit(
             model,
             train_ds,
             run.train,
@@ -148,6 +153,7 @@ def finetune(
             tokenizer.pad_token_id,
             tokenizer.padding_side,
             rt.device,
+            work_dir=work_dir,
             progress=progress,
         )
         problem.save_model(model.cpu(), tokenizer, out / "model", info)
@@ -166,7 +172,13 @@ def finetune(
             "info": info,
         }
 
-    return _store(settings).get_or_build("finetune", key, parts, build, force)
+    store = _store(settings)
+    work_dir = store.work_dir("finetune", key)
+    if force:
+        ckpt.clear(work_dir)
+    outcome = store.get_or_build("finetune", key, parts, build, force)
+    ckpt.clear(work_dir)  # the committed artifact supersedes its checkpoints
+    return outcome
 
 
 def predict(

@@ -13,14 +13,17 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from tuneval import checkpoints as ckpt
 from tuneval.batching import iterate, length_grouped_batches, make_collate
 from tuneval.config.schema import TrainSettings
+from tuneval.errors import TunevalError
 from tuneval.models import layer_stack
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,76 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
+class NonFiniteLoss(TunevalError):
+    """The loss became NaN or infinite."""
+
+
+def fit(
+    model: nn.Module,
+    train_ds: Any,
+    s: TrainSettings,
+    seed: int,
+    loss_fn: LossFn,
+    evaluate: EvalFn | None,
+    pad_id: int,
+    padding_side: str,
+    device: torch.device,
+    work_dir: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """``train`` plus the recoveries: CUDA out-of-memory halves the micro-batch and doubles gradient
+    accumulation (same effective batch); a NaN loss under fp16 retries from the last epoch start in
+    fp32, once."""
+    settings, precision = s, resolve_precision(s.precision, device)
+    retried_nan = False
+    while True:
+        try:
+            return train(
+                model,
+                train_ds,
+                settings,
+                seed,
+                loss_fn,
+                evaluate,
+                pad_id,
+                padding_side,
+                device,
+                work_dir,
+                progress,
+                precision=precision,
+            )
+        except torch.OutOfMemoryError:
+            if settings.batch_size == 1:
+                raise TunevalError(
+                    "finetune: out of memory even at batch_size 1; use a smaller model, "
+                    "a shorter max_length or precision bf16"
+                ) from None
+            settings = settings.model_copy(
+                update={
+                    "batch_size": settings.batch_size // 2,
+                    "gradient_accumulation_steps": settings.gradient_accumulation_steps * 2,
+                }
+            )
+            log.warning(
+                "finetune: out of memory; retrying with batch_size %d x %d accumulation steps (same effective batch)",
+                settings.batch_size,
+                settings.gradient_accumulation_steps,
+            )
+            if work_dir is not None:
+                ckpt.clear(work_dir)  # checkpoints of another micro-batch size cannot be resumed exactly
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        except NonFiniteLoss as e:
+            if precision != "fp16" or retried_nan:
+                raise TunevalError(
+                    f"finetune: {e}; lower train.learning_rate, set train.max_grad_norm, or use precision fp32"
+                ) from None
+            retried_nan, precision = True, "fp32"
+            log.warning("finetune: %s under fp16; retrying from the last epoch start in fp32", e)
+            if work_dir is not None:
+                ckpt.keep_epoch_starts_only(work_dir)
+
+
 def train(
     model: nn.Module,
     train_ds: Any,
@@ -106,12 +179,20 @@ def train(
     pad_id: int,
     padding_side: str,
     device: torch.device,
+    work_dir: Path | None = None,
     progress: bool = True,
+    precision: str | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place on ``train_ds`` (tokenized, unpadded); return the curves."""
+    """Fine-tune ``model`` in place on ``train_ds`` (tokenized, unpadded); return the curves.
+
+    With ``work_dir``, a checkpoint (model, optimizer, scheduler, grad scaler, every RNG, the
+    epoch's batch order and the position in it) is written every ``checkpoint_every_steps``
+    optimizer steps and at each epoch start, and training resumes from the newest one: a killed run
+    continues to the same result as an uninterrupted one.
+    """
     from tqdm.auto import tqdm
 
-    result = TrainResult(precision=resolve_precision(s.precision, device))
+    result = TrainResult(precision=precision or resolve_precision(s.precision, device))
     model.to(device)
     result.trainable_parameters = apply_trainable(model, s.trainable)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(result.precision)
@@ -119,28 +200,48 @@ def train(
     lengths = [len(x) for x in train_ds["input_ids"]]
     gen = torch.Generator().manual_seed(seed)
     collate = make_collate(pad_id, padding_side, 8 if device.type == "cuda" else None)
-    batches_per_epoch = math.ceil(len(lengths) / s.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / s.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(math.ceil(len(lengths) / s.batch_size) / s.gradient_accumulation_steps)
     total = steps_per_epoch * s.epochs
     optimizer = build_optimizer(model, s, device)
     scheduler = linear_schedule(optimizer, s.warmup_steps, total)
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    step, running, running_n = 0, torch.zeros((), device=device), 0
+    loop = ckpt.LoopState()
+    saved = ckpt.load_latest(work_dir) if work_dir is not None else None
+    if saved is not None:
+        loop = ckpt.restore(saved[1], model, optimizer, scheduler, scaler, gen)
+        log.warning("finetune: resuming from checkpoint %s (epoch %d, step %d)", saved[0].name, loop.epoch, loop.step)
+    result.history, result.epochs = loop.history, loop.epochs
+    running = torch.tensor(loop.running_sum, device=device)
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
-    for epoch in range(1, s.epochs + 1):
+    bar = tqdm(total=total, initial=loop.step, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
+    for epoch in range(loop.epoch, s.epochs + 1):
+        if loop.epoch != epoch or not loop.batches:  # a fresh epoch (not one resumed part-way)
+            loop.epoch, loop.batch_index = epoch, 0
+            loop.batches = length_grouped_batches(lengths, s.batch_size, gen, shuffle=True, group=s.group_by_length)
+            if work_dir is not None:
+                ckpt.save(
+                    work_dir,
+                    loop,
+                    model,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    gen,
+                    running,
+                    s.keep_checkpoints,
+                    epoch_start=True,
+                )
         model.train()
-        batches = length_grouped_batches(lengths, s.batch_size, gen, shuffle=True, group=s.group_by_length)
         optimizer.zero_grad(set_to_none=True)
-        for i, (_, batch) in enumerate(iterate(train_ds, batches, collate)):
+        batches = loop.batches
+        for i, (idx, batch) in enumerate(iterate(train_ds, batches[loop.batch_index :], collate), loop.batch_index):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loss_fn(model, batch)
             scaler.scale(loss / s.gradient_accumulation_steps).backward()
-            running += loss.detach()
-            running_n += 1
-            result.samples += batch["input_ids"].size(0)
-            result.real_tokens += int(batch["attention_mask"].sum())
+            running += loss.detach().float()
+            loop.running_n += 1
+            loop.samples += len(idx)
+            loop.real_tokens += sum(lengths[j] for j in idx)  # from the host: no device sync
             if (i + 1) % s.gradient_accumulation_steps and i + 1 != len(batches):
                 continue
             if s.max_grad_norm:
@@ -151,27 +252,32 @@ def train(
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            loop.step, loop.batch_index = loop.step + 1, i + 1
             bar.update(1)
-            if step % s.log_every_steps == 0 or step == total:
+            if loop.step % s.log_every_steps == 0 or loop.step == total:
                 # The only host sync in the loop: one .item() every log_every_steps steps.
-                mean_loss = float(running) / running_n
-                result.history.append({"step": step, "epoch": epoch, "loss": mean_loss, "learning_rate": lr})
+                mean_loss = float(running) / loop.running_n
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLoss(f"loss is {mean_loss} at step {loop.step} (epoch {epoch})")
+                loop.history.append({"step": loop.step, "epoch": epoch, "loss": mean_loss, "learning_rate": lr})
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
-                running, running_n = torch.zeros((), device=device), 0
+                running, loop.running_n = torch.zeros((), device=device), 0
+            if work_dir is not None and s.checkpoint_every_steps and loop.step % s.checkpoint_every_steps == 0:
+                ckpt.save(work_dir, loop, model, optimizer, scheduler, scaler, gen, running, s.keep_checkpoints)
         if evaluate is not None:
             metrics = {"epoch": epoch, **evaluate(model)}
-            result.epochs.append(metrics)
+            loop.epochs.append(metrics)
             log.info("epoch %d validation: %s", epoch, metrics)
-            if s.checkpoint == "best":
-                score = metrics.get(s.best_metric)
-                if score is not None and (best is None or score > best[0]):
-                    best = (score, epoch, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+            score = metrics.get(s.best_metric)
+            if s.checkpoint == "best" and score is not None and (loop.best_score is None or score > loop.best_score):
+                loop.best_score, loop.best_epoch = score, epoch
+                loop.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        loop.epoch, loop.batches = epoch + 1, []
     bar.close()
     result.train_seconds = time.perf_counter() - start
-    result.optimizer_steps = step
+    result.optimizer_steps, result.samples, result.real_tokens = loop.step, loop.samples, loop.real_tokens
     result.kept_epoch = s.epochs
-    if best is not None:
-        model.load_state_dict(best[2])
-        result.kept_epoch = best[1]
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
+        result.kept_epoch = loop.best_epoch
     return result

@@ -54,6 +54,10 @@ class TrainSettings(Strict):
     trainable: Literal["all", "head"] | TopK = "all"
     group_by_length: bool = True
     checkpoint: Literal["last", "best"] = "last"
+    checkpoint_every_steps: PositiveInt | None = Field(
+        None, description="also checkpoint every N optimizer steps (always at each epoch start); resume from it"
+    )
+    keep_checkpoints: PositiveInt = 2
     best_metric: str = "accuracy"
     eval_batch_size: PositiveInt = 64
     log_every_steps: PositiveInt = 10

@@ -9,7 +9,6 @@ import evaluate
 from sklearn.metrics import accuracy_score
 
 
-
 class Accuracy(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(

@@ -10,7 +10,6 @@ import evaluate
 from sklearn.metrics import precision_recall_fscore_support
 
 
-
 class MacroPRF(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(

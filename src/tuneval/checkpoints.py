@@ -1,0 +1,129 @@
+"""Training checkpoints: everything needed to continue a killed run to the identical result.
+
+A checkpoint holds the model, optimizer, scheduler and grad-scaler states, the RNG states of
+python, numpy, torch (CPU and CUDA) and the data-order generator, the epoch's batch order and the
+position in it, and the curves so far. Files are written to a temporary name and renamed, so a
+kill during a save leaves the previous checkpoint intact. They live in the finetune stage's
+work folder (``<cache>/finetune/<key>.work``), which is removed once the stage's artifact is
+committed. Loaded with ``weights_only=False``: these files are the cache's own, never user input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+EPOCH_START, STEP = 1, 0  # the last digit of a file name: an epoch-start file outranks a step file
+
+
+@dataclass
+class LoopState:
+    epoch: int = 1  # the epoch in progress (1-based)
+    batch_index: int = 0  # batches of this epoch already consumed
+    step: int = 0  # optimizer steps done
+    batches: list[list[int]] = field(default_factory=list)  # this epoch's batch order
+    history: list[dict[str, float]] = field(default_factory=list)
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    samples: int = 0
+    real_tokens: int = 0
+    running_sum: float = 0.0
+    running_n: int = 0
+    best_score: float | None = None
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+def _files(work_dir: Path) -> list[Path]:
+    return sorted(work_dir.glob("ckpt-*.pt")) if work_dir.exists() else []
+
+
+def save(
+    work_dir: Path,
+    loop: LoopState,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    gen: torch.Generator,
+    running: torch.Tensor,
+    keep: int,
+    epoch_start: bool = False,
+) -> Path:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    loop.running_sum = float(running)
+    payload = {
+        "loop": {k: v for k, v in asdict(loop).items() if k != "best_state"},
+        "best_state": loop.best_state,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "data": gen.get_state(),
+        },
+    }
+    path = work_dir / f"ckpt-{loop.step:09d}-{EPOCH_START if epoch_start else STEP}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    _prune(work_dir, keep)
+    return path
+
+
+def _prune(work_dir: Path, keep: int) -> None:
+    files = _files(work_dir)
+    newest_epoch_start = next((p for p in reversed(files) if p.stem.endswith(f"-{EPOCH_START}")), None)
+    for p in files[:-keep]:
+        if p != newest_epoch_start:  # the NaN fallback restarts from an epoch start
+            p.unlink(missing_ok=True)
+
+
+def load_latest(work_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads; a damaged one is skipped with a warning."""
+    for path in reversed(_files(work_dir)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to an older one
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path.name, type(e).__name__)
+    return None
+
+
+def restore(
+    payload: dict[str, Any], model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any, gen: torch.Generator
+) -> LoopState:
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    rng = payload["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    gen.set_state(rng["data"])
+    return LoopState(**payload["loop"], best_state=payload["best_state"])
+
+
+def clear(work_dir: Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def keep_epoch_starts_only(work_dir: Path) -> None:
+    for p in _files(work_dir):
+        if not p.stem.endswith(f"-{EPOCH_START}"):
+            p.unlink(missing_ok=True)
