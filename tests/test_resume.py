@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from test_training import _model, _toy_dataset
+
 from tuneval import checkpoints as ckpt
 from tuneval.config.schema import TrainSettings
 from tuneval.problems import classification as clf

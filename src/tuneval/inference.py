@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -10,8 +11,9 @@ import torch.nn as nn
 
 from tuneval.batching import iterate, make_collate, sorted_batches
 
+log = logging.getLogger(__name__)
 
-@torch.inference_mode()
+
 def predict_outputs(
     model: nn.Module,
     ds: Any,
@@ -23,7 +25,32 @@ def predict_outputs(
     precision: str = "fp32",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Stack ``forward(model, batch)`` for every row of ``ds``, in the dataset's order, on CPU."""
+    """Stack ``forward(model, batch)`` for every row of ``ds``, in the dataset's order, on CPU.
+    Out of memory halves the batch and starts over (results do not depend on the batch size)."""
+    while True:
+        try:
+            return _predict(model, ds, forward, pad_id, padding_side, device, batch_size, precision, progress)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            log.warning("predict: out of memory; retrying with batch size %d", batch_size)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def _predict(
+    model: nn.Module,
+    ds: Any,
+    forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    pad_id: int,
+    padding_side: str,
+    device: torch.device,
+    batch_size: int,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     model.eval().to(device)
