@@ -28,11 +28,19 @@ class Tracker:
         import mlflow  # noqa: F401 - fail early if missing
         from mlflow.tracking import MlflowClient
 
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri
         self.artifact_root = artifact_root
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if not tracking_uri.startswith("sqlite:///"):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            return
+        db = Path(tracking_uri[len("sqlite:///") :])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # Two processes creating the database at once race in MLflow's schema migration.
+        from filelock import FileLock
+
+        with FileLock(str(db) + ".lock"):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.client.search_experiments(max_results=1)
 
     def check(self) -> None:
         """Fail fast (exit 2) when the tracking server cannot be reached."""
