@@ -17,9 +17,22 @@ pytestmark = pytest.mark.integration
 
 def test_two_processes_share_the_cache_without_corruption(project: Path) -> None:
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tuneval.cli", "run", "--config", str(project / "pipelines.yaml"),
-                          "--json", str(project / f"{name}.json")], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tuneval.cli",
+                "run",
+                "--config",
+                str(project / "pipelines.yaml"),
+                "--json",
+                str(project / f"{name}.json"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ),
+        )
         for name in ("a", "b")
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]

@@ -57,8 +57,19 @@ def test_nan_in_fp32_fails_with_a_clear_message(model_dir: Path) -> None:
     ds, tok = _toy_dataset(model_dir)
     s = TrainSettings(epochs=1, batch_size=8, learning_rate=1e-3, log_every_steps=1)
     with pytest.raises(TunevalError) as e:
-        fit(_model(model_dir), ds, s, 0, lambda m, b: clf.loss_fn(m, b) * float("inf"), None, tok.pad_token_id,
-            "right", CPU, None, False)
+        fit(
+            _model(model_dir),
+            ds,
+            s,
+            0,
+            lambda m, b: clf.loss_fn(m, b) * float("inf"),
+            None,
+            tok.pad_token_id,
+            "right",
+            CPU,
+            None,
+            False,
+        )
     assert "loss is" in str(e.value) and "learning_rate" in str(e.value) and "\n" not in str(e.value)
 
 

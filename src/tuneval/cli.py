@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tuneval import __version__
 from tuneval.errors import TunevalError
@@ -50,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other user error: one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         default="pipelines.yaml",
@@ -59,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         help="pipelines file (default: ./pipelines.yaml); relative data paths start at its folder",
     )
     common.add_argument("-v", "--verbose", action="store_true", help="show INFO logs (Prefect, tuneval)")
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tuneval",
         parents=[common],
         description="Fine-tune and score pre-trained language models, cached and tracked.",
@@ -133,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tuneval.config import load_config, resolve_runs
     from tuneval.settings import Settings
 
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise TunevalError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist; create it")
     loaded = load_config(args.config)
     runs = resolve_runs(loaded, args.pipelines)  # every check that needs no model, before any flow starts
     settings = Settings.from_env(loaded.root, track=not args.no_track)

@@ -102,7 +102,7 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self._safe(self.client.set_tag, run_id, k[:MAX_KEY], str(v)[:MAX_PARAM_VALUE])
+            self._safe(self.client.set_tag, run_id, k[:MAX_KEY], _param_value(k, v))
 
     def log_artifacts(self, run_id: str, folder: str | Path, path: str | None = None) -> None:
         self._safe(self.client.log_artifacts, run_id, str(folder), path)
@@ -151,7 +151,15 @@ def _param_value(key: str, value: Any) -> str:
     if SECRET.search(key):
         return "***"
     text = str(value)
+    for secret in _secret_values():
+        text = text.replace(secret, "***")
     return text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 15] + "...[truncated]"
+
+
+def _secret_values() -> list[str]:
+    """Values of environment variables named like secrets (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...):
+    never written into a param or tag, wherever they appear."""
+    return [v for k, v in os.environ.items() if SECRET.search(k) and len(v) >= 6]
 
 
 def base_tags() -> dict[str, str]:

@@ -128,8 +128,40 @@ class ModelSpec(Strict):
     )
 
 
+class Schedule(Strict):
+    """When a pipeline recurs (used by `tuneval serve`/`deploy`): standard 5-field cron."""
+
+    cron: str
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_parses(cls, cron: str) -> str:
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(cron, datetime(2000, 1, 1))
+        except CronSimError as e:
+            raise ValueError(f"cron {cron!r} does not parse ({e}); use 5 fields, e.g. '0 3 * * 1'") from None
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, tz: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {tz!r}; use an IANA name such as 'Europe/Berlin' or 'UTC'") from None
+        return tz
+
+
 class PipelineSpec(Strict):
     description: str | None = None
+    schedule: Schedule | None = None
     models: list[Name] = Field(min_length=1)
     benchmarks: list[Name] = Field(min_length=1)
     seeds: list[int] = Field([42], min_length=1)
