@@ -153,7 +153,8 @@ def _param_value(key: str, value: Any) -> str:
     text = str(value)
     for secret in _secret_values():
         text = text.replace(secret, "***")
-    return text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 15] + "...[truncated]"
+    suffix = "...[truncated]"
+    return text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - len(suffix)] + suffix
 
 
 def _secret_values() -> list[str]:
