@@ -50,6 +50,12 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
     """Load a tokenizer; give it a pad token when it has none (causal LMs often lack one)."""
     from transformers import AutoTokenizer
 
+    folder = Path(source)
+    vocab_files = set(TOKENIZER_FILES) - {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}
+    if folder.is_dir() and not any((folder / f).is_file() for f in vocab_files):
+        # transformers 5 would build an empty vocabulary here and map every word to [UNK].
+        raise ModelError(f"{folder}: no tokenizer files ({', '.join(sorted(vocab_files))}); save the tokenizer "
+                         "next to the model (tokenizer.save_pretrained)")
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
