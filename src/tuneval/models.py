@@ -54,8 +54,10 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
     vocab_files = set(TOKENIZER_FILES) - {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}
     if folder.is_dir() and not any((folder / f).is_file() for f in vocab_files):
         # transformers 5 would build an empty vocabulary here and map every word to [UNK].
-        raise ModelError(f"{folder}: no tokenizer files ({', '.join(sorted(vocab_files))}); save the tokenizer "
-                         "next to the model (tokenizer.save_pretrained)")
+        raise ModelError(
+            f"{folder}: no tokenizer files ({', '.join(sorted(vocab_files))}); save the tokenizer "
+            "next to the model (tokenizer.save_pretrained)"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
