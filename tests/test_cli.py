@@ -139,3 +139,16 @@ def test_ui_serves_the_run_over_rest(project: Path) -> None:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_servers_bind_to_loopback_by_default() -> None:
+    from tuneval.cli import _parser
+
+    assert _parser().parse_args(["ui"]).host == "127.0.0.1"
+
+
+def test_config_is_read_with_safe_load(tmp_path: Path) -> None:
+    evil = tmp_path / "pipelines.yaml"
+    evil.write_text(f"models: !!python/object/apply:os.system ['echo pwned > {tmp_path}/pwned']\n")
+    assert_user_error(tuneval("check", "--config", str(evil)), "YAML")
+    assert not (tmp_path / "pwned").exists()

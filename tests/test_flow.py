@@ -54,6 +54,7 @@ def test_run_twice_second_all_cached_and_mlflow_record(project: Path, capfd) -> 
     assert r.data.params["train.learning_rate"] == "0.002"
     assert r.data.params["seed"] == "1" and r.data.params["benchmark.problem"] == "classification"
     assert r.data.params["metric_settings.f1.average"] == "macro"
+    assert r.data.params["model.trust_remote_code"] == "False"  # off unless a model sets it
     assert r.data.metrics["test_accuracy"] == pytest.approx(run["metrics"]["accuracy"])
     assert "val_accuracy" in r.data.metrics
     loss_curve = client.get_metric_history(r.info.run_id, "train_loss")
@@ -66,6 +67,16 @@ def test_run_twice_second_all_cached_and_mlflow_record(project: Path, capfd) -> 
     assert {"model", "predictions", "scores", "metric_settings.json", "cache_keys"} <= artifacts
     model_files = {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "model")}
     assert {"head.safetensors", "tuneval_head.json", "backbone"} <= model_files
+    # A damaged cached artifact is reported in one warning line and rebuilt, never used.
+    [parquet] = (project / ".tuneval" / "cache" / "predict").glob("*/predictions.parquet")
+    parquet.write_bytes(parquet.read_bytes()[:-20])
+    capfd.readouterr()
+    code, third = run_cli(project)
+    assert code == 0 and stage_statuses(third)["predict"] == "ran" and stage_statuses(third)["finetune"] == "cached"
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "corrupted" in line]
+    assert len(warnings) == 1 and "predict" in warnings[0]
+    assert third["runs"][0]["metrics"] == run["metrics"]
+
     cached = client.get_run(second["runs"][0]["mlflow_run_id"])
     assert cached.data.tags["tuneval.stage.finetune"] == "cached"
     assert len(client.get_metric_history(cached.info.run_id, "train_loss")) == len(loss_curve)
