@@ -39,8 +39,10 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> LoadedConfig:
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise ConfigError([f"{path}: config file not found; pass --config PATH or create it"])
-    if not path.is_file():
+    if path.is_dir():
         raise ConfigError([f"{path}: is a folder, not a config file; pass --config PATH/pipelines.yaml"])
+    if not path.is_file():
+        raise ConfigError([f"{path}: not a regular file; pass --config PATH/pipelines.yaml"])
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
