@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -70,11 +71,17 @@ def test_run_twice_second_all_cached_and_mlflow_record(project: Path, capfd) -> 
     # A damaged cached artifact is reported in one warning line and rebuilt, never used.
     [parquet] = (project / ".tuneval" / "cache" / "predict").glob("*/predictions.parquet")
     parquet.write_bytes(parquet.read_bytes()[:-20])
-    capfd.readouterr()
-    code, third = run_cli(project)
+    records: list[logging.LogRecord] = []
+    spy = logging.Handler(logging.WARNING)
+    spy.emit = records.append  # Prefect reconfigures logging when a flow starts: attach directly
+    logging.getLogger("tuneval").addHandler(spy)
+    try:
+        code, third = run_cli(project)
+    finally:
+        logging.getLogger("tuneval").removeHandler(spy)
     assert code == 0 and stage_statuses(third)["predict"] == "ran" and stage_statuses(third)["finetune"] == "cached"
-    warnings = [line for line in capfd.readouterr().err.splitlines() if "corrupted" in line]
-    assert len(warnings) == 1 and "predict" in warnings[0]
+    warnings = [r.getMessage() for r in records if "corrupted" in r.getMessage()]
+    assert len(warnings) == 1 and "predict" in warnings[0] and "\n" not in warnings[0]
     assert third["runs"][0]["metrics"] == run["metrics"]
 
     cached = client.get_run(second["runs"][0]["mlflow_run_id"])
