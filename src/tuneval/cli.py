@@ -50,6 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def summary_table(groups: list[dict[str, Any]]) -> str:
+    """Mean and 95% t-interval over seeds, one line per pipeline x model x benchmark x metric."""
+    lines = ["", "over seeds (mean [95% CI], t-interval):"]
+    for g in groups:
+        for name, s in g["metrics"].items():
+            ci = f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]" if s["ci_low"] is not None else "(one seed)"
+            lines.append(
+                f"  {g['pipeline']}  {g['model']}  {g['benchmark']}  {name}: {s['mean']:.4f} {ci}  "
+                f"std {s['std']:.4f}  n={s['n']}"
+            )
+    return "\n".join(lines)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes end like every other user error: one line, exit code 2."""
 
@@ -157,6 +170,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         write_json(results, args.json)
     print(results_table(results))
+    from tuneval.record import summarize
+
+    multi = [g for g in summarize(results) if len(g["seeds"]) > 1]
+    if multi:
+        print(summary_table(multi))
     failed = [r for r in results if r.get("status") != "completed"]
     for r in failed:
         print(f"error: {r.get('model')}/{r.get('benchmark')}/seed {r.get('seed')}: {r.get('error')}", file=sys.stderr)

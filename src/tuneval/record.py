@@ -137,5 +137,31 @@ class RunRecord:
 def write_json(results: list[dict[str, Any]], path: str | Path) -> None:
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps({"runs": results}, indent=1))
+    tmp.write_text(json.dumps({"runs": results, "summaries": summarize(results)}, indent=1))
     tmp.replace(target)
+
+
+def summarize(results: list[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Per pipeline x model x benchmark: each test metric's mean, std and t-interval over seeds."""
+    from tuneval.stats import over_seeds
+
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        if r.get("status") == "completed":
+            groups.setdefault((r["pipeline"], r["model"], r["benchmark"]), []).append(r)
+    out = []
+    for (pipeline, model, bench), runs in groups.items():
+        names = sorted({k for r in runs for k in r["metrics"]})
+        out.append(
+            {
+                "pipeline": pipeline,
+                "model": model,
+                "benchmark": bench,
+                "seeds": [r["seed"] for r in runs],
+                "metrics": {
+                    n: over_seeds([r["metrics"][n] for r in runs if n in r["metrics"]], confidence).to_dict()
+                    for n in names
+                },
+            }
+        )
+    return out
