@@ -20,10 +20,12 @@ from tuneval.stages import ORDER
     persist_result=False,
     validate_parameters=False,
 )
-def pipeline_run_flow(run: RunSpec, settings: Settings, force_from: str | None = None) -> dict[str, Any]:
+def pipeline_run_flow(
+    run: RunSpec, settings: Settings, force_from: str | None = None, parent_run_id: str | None = None
+) -> dict[str, Any]:
     """Run the stages in order; on failure mark the MLflow run FAILED and re-raise."""
     forced = set(ORDER[ORDER.index(force_from) :]) if force_from else set()
-    record = RunRecord.open(run, settings, flow_run_id=flow_run.get_id())
+    record = RunRecord.open(run, settings, flow_run_id=flow_run.get_id(), parent_run_id=parent_run_id)
     stage = "load"
     try:
         loaded = load_task(run, settings, "load" in forced)

@@ -10,6 +10,7 @@ from flows import user_errors
 from flows.pipeline_run import pipeline_run_flow
 from tuneval.config.runs import RunSpec
 from tuneval.errors import TunevalError
+from tuneval.record import SeedGroup, group_by_seeds
 from tuneval.settings import Settings
 
 user_errors.install()
@@ -20,11 +21,17 @@ def run_flow(runs: list[RunSpec], settings: Settings, force_from: str | None = N
     """Runs go one after another: on a small machine parallel fine-tunes only fight for cores.
     A failed run is recorded and the others still run."""
     results = []
-    for run in runs:
-        try:
-            results.append(pipeline_run_flow(run, settings, force_from))
-        except TunevalError as e:
-            results.append(
-                getattr(e, "tuneval_result", None) or {"run": run.run_name, "status": "failed", "error": str(e)}
-            )
+    for (pipeline, model, benchmark), group in group_by_seeds(runs).items():
+        parent = SeedGroup(settings, pipeline, model, benchmark, [r.seed for r in group]) if len(group) > 1 else None
+        group_results = []
+        for run in group:
+            try:
+                group_results.append(pipeline_run_flow(run, settings, force_from, parent and parent.run_id))
+            except TunevalError as e:
+                group_results.append(
+                    getattr(e, "tuneval_result", None) or {"run": run.run_name, "status": "failed", "error": str(e)}
+                )
+        if parent is not None:
+            parent.close(group_results)
+        results += group_results
     return results

@@ -141,3 +141,24 @@ def test_data_error_at_run_time_is_one_line_exit_2(project: Path, capfd) -> None
     assert stage_statuses(result) == {"load": "ran", "prepare": "failed"}
     run = mlflow_client(project).get_run(result["runs"][0]["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["tuneval.failed_stage"] == "prepare"
+
+
+def test_several_seeds_nest_under_a_parent_with_statistics(project: Path, capfd) -> None:
+    cfg = project / "pipelines.yaml"
+    cfg.write_text(cfg.read_text().replace("seeds: [1]", "seeds: [1, 2]").replace("epochs: 2", "epochs: 1"))
+    code, result = run_cli(project)
+    assert code == 0
+    assert [r["seed"] for r in result["runs"]] == [1, 2]
+    [summary] = result["summaries"]
+    accs = [r["metrics"]["accuracy"] for r in result["runs"]]
+    assert summary["metrics"]["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert "over seeds" in capfd.readouterr().out
+
+    client = mlflow_client(project)
+    exp = client.get_experiment_by_name("smoke")
+    [parent] = client.search_runs([exp.experiment_id], "tags.`tuneval.kind` = 'seed-group'")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_seeds"] == 2
+    assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(sum(accs) / 2)
+    assert "test_accuracy_ci_low" in parent.data.metrics
+    children = [client.get_run(r["mlflow_run_id"]) for r in result["runs"]]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)

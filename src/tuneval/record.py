@@ -29,7 +29,9 @@ class RunRecord:
     started: float = field(default_factory=time.time)
 
     @classmethod
-    def open(cls, run: RunSpec, settings: Settings, flow_run_id: str | None = None) -> RunRecord:
+    def open(
+        cls, run: RunSpec, settings: Settings, flow_run_id: str | None = None, parent_run_id: str | None = None
+    ) -> RunRecord:
         tracker = Tracker(settings.tracking_uri, settings.artifact_root) if settings.track else None
         record = cls(run=run, tracker=tracker)
         if tracker is not None:
@@ -40,6 +42,7 @@ class RunRecord:
                 "tuneval.seed": str(run.seed),
                 "tuneval.problem": run.benchmark.problem,
                 "prefect.flow_run_id": flow_run_id or "",
+                **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
             }
             record.mlflow_run_id = tracker.start(run.pipeline, run.run_name, tags)
             tracker.log_params(record.mlflow_run_id, run.params())
@@ -141,6 +144,14 @@ def write_json(results: list[dict[str, Any]], path: str | Path) -> None:
     tmp.replace(target)
 
 
+def group_by_seeds(runs: list[RunSpec]) -> dict[tuple[str, str, str], list[RunSpec]]:
+    """Runs that differ only by seed, in their original order."""
+    groups: dict[tuple[str, str, str], list[RunSpec]] = {}
+    for run in runs:
+        groups.setdefault((run.pipeline, run.model_name, run.benchmark_name), []).append(run)
+    return groups
+
+
 def summarize(results: list[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
     """Per pipeline x model x benchmark: each test metric's mean, std and t-interval over seeds."""
     from tuneval.stats import over_seeds
@@ -165,3 +176,35 @@ def summarize(results: list[dict[str, Any]], confidence: float = 0.95) -> list[d
             }
         )
     return out
+
+
+class SeedGroup:
+    """The parent MLflow run of one model x benchmark's seeds: the children nest under it and it
+    carries each test metric's mean, std and 95% t-interval over the seeds that completed."""
+
+    def __init__(self, settings: Settings, pipeline: str, model: str, benchmark: str, seeds: list[int]):
+        self.tracker = Tracker(settings.tracking_uri, settings.artifact_root) if settings.track else None
+        self.run_id: str | None = None
+        if self.tracker is not None:
+            tags = {
+                "tuneval.pipeline": pipeline,
+                "tuneval.model": model,
+                "tuneval.benchmark": benchmark,
+                "tuneval.seeds": ",".join(map(str, seeds)),
+                "tuneval.kind": "seed-group",
+            }
+            self.run_id = self.tracker.start(pipeline, f"{model}__{benchmark}", tags)
+
+    def close(self, results: list[dict[str, Any]]) -> None:
+        if self.tracker is None or self.run_id is None:
+            return
+        groups = summarize(results)
+        values: dict[str, float] = {"n_seeds": float(len(groups[0]["seeds"]) if groups else 0)}
+        for group in groups:
+            for name, s in group["metrics"].items():
+                values.update({f"test_{name}_mean": s["mean"], f"test_{name}_std": s["std"]})
+                if s["ci_low"] is not None:
+                    values.update({f"test_{name}_ci_low": s["ci_low"], f"test_{name}_ci_high": s["ci_high"]})
+        self.tracker.log_metrics(self.run_id, values)
+        self.tracker.log_dict(self.run_id, groups, "seed_summary.json")
+        self.tracker.finish(self.run_id, ok=all(r.get("status") == "completed" for r in results))
