@@ -112,6 +112,10 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "last" and "position_ids" not in kw:
+            # Causal LMs count positions by index: under left padding the first real token must
+            # still be position 0, or the same text gets other logits in another batch.
+            kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling)
         return self.classifier(self.dropout(pooled))
