@@ -50,6 +50,11 @@ def prepare_split(ds: Any, tokenizer: Any, bench: Any, info: dict[str, Any], spl
     from datasets import Dataset
 
     cols, v2 = bench.columns, bench.version_2_with_negative
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(
+            f"{tokenizer.name_or_path}: extractive_qa needs a fast tokenizer (character offsets); "
+            "use a model that ships tokenizer.json"
+        )
     budget = qa_features.question_budget(tokenizer, bench)
     rows = {"id": [], "question": [], "context": [], "answers": []}
     for i, q, c, a in zip(ds[cols.id], ds[cols.question], ds[cols.context], ds[cols.answers], strict=True):
