@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tuneval import models
-from tuneval.errors import ModelError
+from tuneval.errors import DataError, ModelError
 from tuneval.problems import qa_features, qa_postprocess
 from tuneval.problems.base import Runtime
 
@@ -64,6 +64,8 @@ def prepare_split(ds: Any, tokenizer: Any, bench: Any, info: dict[str, Any], spl
             rows["question"].append(q)
             rows["context"].append(c)
             rows["answers"].append(ans)
+    if not rows["id"]:
+        raise DataError(f"split '{split}': no usable question left (see the skip counts logged above); fix the data")
     questions, clipped = qa_features.clip_questions(rows["question"], tokenizer, budget)
     if clipped:
         log.warning("split '%s': %d questions longer than %d tokens were cut to fit a window", split, clipped, budget)
