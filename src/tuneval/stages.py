@@ -212,7 +212,7 @@ def score(
 ) -> StageOutcome:
     problem = problems.get(run.benchmark.problem)
     names = list(run.benchmark.metrics)
-    spec = {"metrics": names, "settings": {n: metrics.settings(n) for n in names}}
+    spec = {"metrics": names, "settings": {n: metrics.settings(n, run.benchmark.problem) for n in names}}
     key, parts = stage_key(
         "score", CODE_VERSION["score"], spec, {"predict": predicted.fingerprint, "prepare": prepared.fingerprint}
     )

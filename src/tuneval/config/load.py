@@ -69,7 +69,7 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> LoadedConfig:
     problems += _check_references(raw)
     problems += _check_paths(raw, path.parent)
     if problems:
-        raise ConfigError([_format(path, lines, loc, msg) for loc, msg in _dedupe(problems)])
+        raise ConfigError([_format(path, lines, loc, msg, raw) for loc, msg in _dedupe(problems)])
     assert config is not None
     return LoadedConfig(config=config, path=path)
 
@@ -243,7 +243,7 @@ def _suggest(word: str, choices: Any) -> str:
     return f"; declared: {', '.join(names) or 'none'}"
 
 
-UNION_TAGS = {"TopK", "str", "int", "float", "bool", "classification"}
+UNION_TAGS = {"TopK", "str", "int", "float", "bool", "classification", "extractive_qa"}
 
 
 def _is_tag(part: Any) -> bool:
@@ -271,7 +271,9 @@ def _dedupe(problems: list[tuple[tuple[Any, ...], str]]) -> list[tuple[tuple[Any
     return out
 
 
-def _format(path: Path, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...], msg: str) -> str:
+def _format(
+    path: Path, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...], msg: str, raw: dict[str, Any] | None = None
+) -> str:
     clean = loc
     dotted = ""
     for part in clean:
@@ -279,15 +281,21 @@ def _format(path: Path, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...],
     line = _nearest_line(lines, clean)
     where = f"{path.name}:{line}" if line else path.name
     if "unknown key" in msg and clean:
-        parent = _allowed_keys(clean)
+        parent = _allowed_keys(clean, raw)
         if parent:
             msg += f" (allowed here: {', '.join(parent)})"
     return f"{where}: {dotted or '<top>'}: {msg}"
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any] | None = None) -> list[str]:
     """Field names allowed beside an unknown key, for the error message."""
     from tuneval.config import schema
+
+    if loc[0] == "benchmarks" and len(loc) in (3, 4) and _problem_of(raw, loc[1]) == "extractive_qa":
+        if len(loc) == 3:
+            return list(schema.ExtractiveQABenchmark.model_fields)
+        if loc[2] == "columns":
+            return list(schema.QAColumns.model_fields)
 
     if len(loc) >= 2 and loc[-2] == "train":
         return list(TrainSettings.model_fields)
@@ -304,6 +312,12 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         sub = schema.DataSpec if loc[2] == "data" else schema.ClassificationColumns
         return list(sub.model_fields)
     return []
+
+
+def _problem_of(raw: dict[str, Any] | None, bench: Any) -> Any:
+    entry = (raw or {}).get("benchmarks", {})
+    entry = entry.get(bench) if isinstance(entry, dict) else None
+    return entry.get("problem") if isinstance(entry, dict) else None
 
 
 def _line_index(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:

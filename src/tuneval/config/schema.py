@@ -115,8 +115,43 @@ class ClassificationBenchmark(Strict):
     metrics: list[ClassificationMetric] = Field(["accuracy", "f1"], min_length=1)
 
 
-# One member today; extractive_qa and seq2seq join this union as their own models.
-BenchmarkSpec = Annotated[Union[ClassificationBenchmark], Field(discriminator="problem")]
+class QAColumns(Strict):
+    """The Hugging Face ``squad`` layout: answers = {"text": [...], "answer_start": [...]}."""
+
+    id: str = "id"
+    question: str = "question"
+    context: str = "context"
+    answers: str = "answers"
+
+
+QAMetric = Literal["exact_match", "f1"]
+
+
+class ExtractiveQABenchmark(Strict):
+    problem: Literal["extractive_qa"]
+    data: DataSpec
+    columns: QAColumns = QAColumns()
+    max_length: PositiveInt = Field(384, description="tokens per window: question + context + special tokens")
+    doc_stride: PositiveInt = Field(128, description="tokens of context shared by consecutive windows")
+    n_best: PositiveInt = Field(20, description="start and end candidates per window in post-processing")
+    max_answer_length: PositiveInt = Field(30, description="longest answer span, in tokens")
+    version_2_with_negative: bool = Field(False, description="SQuAD v2: questions may have no answer")
+    null_score_diff_threshold: float = Field(
+        0.0, description="v2: answer '' when null score - best span score exceeds this"
+    )
+    metrics: list[QAMetric] = Field(["exact_match", "f1"], min_length=1)
+
+    @model_validator(mode="after")
+    def _stride_below_length(self) -> ExtractiveQABenchmark:
+        if self.doc_stride >= self.max_length:
+            raise ValueError(
+                f"doc_stride ({self.doc_stride}) must be smaller than max_length ({self.max_length}); "
+                "windows overlap by doc_stride tokens (e.g. max_length 384, doc_stride 128)"
+            )
+        return self
+
+
+BenchmarkSpec = Annotated[Union[ClassificationBenchmark, ExtractiveQABenchmark], Field(discriminator="problem")]
 
 
 class ModelSpec(Strict):

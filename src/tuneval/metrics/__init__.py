@@ -16,6 +16,13 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "precision": ("macro_prf", "MacroPRF", "precision"),
     "recall": ("macro_prf", "MacroPRF", "recall"),
 }
+# A problem kind whose metric shares a name with another kind's ("f1") overrides it here.
+PROBLEM_REGISTRY: dict[str, dict[str, tuple[str, str, str]]] = {
+    "extractive_qa": {
+        "exact_match": ("squad", "Squad", "exact_match"),
+        "f1": ("squad", "Squad", "f1"),
+    },
+}
 
 # What each metric computes, recorded on every run and part of the score stage's cache key.
 # Kept here, not in the modules, so a cached score stage never imports evaluate (~10 s).
@@ -26,14 +33,30 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "precision": _MACRO,
     "recall": _MACRO,
 }
+_SQUAD = {
+    "library": "official SQuAD v1.1 evaluate script (normalize_answer, f1_score, exact_match_score)",
+    "normalize": "lower-case, drop string.punctuation, drop articles a/an/the, collapse white space",
+    "aggregate": "max over gold answers, mean over questions, x 100",
+}
+PROBLEM_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "extractive_qa": {"exact_match": _SQUAD, "f1": _SQUAD},
+}
 
 
-def load(name: str) -> Any:
-    module, cls, config = REGISTRY[name]
+def _entry(name: str, problem: str | None) -> tuple[str, str, str]:
+    return PROBLEM_REGISTRY.get(problem or "", {}).get(name) or REGISTRY[name]
+
+
+def load(name: str, problem: str | None = None) -> Any:
+    module, cls, config = _entry(name, problem)
     mod = importlib.import_module(f"tuneval.metrics.{module}")
     return getattr(mod, cls)(config_name=config)
 
 
-def settings(name: str) -> dict[str, Any]:
+def settings(name: str, problem: str | None = None) -> dict[str, Any]:
     """What the metric computes and with which options: recorded on every MLflow run."""
-    return {"module": f"tuneval.metrics.{REGISTRY[name][0]}", **SETTINGS[name]}
+    return {"module": f"tuneval.metrics.{_entry(name, problem)[0]}", **_settings(name, problem)}
+
+
+def _settings(name: str, problem: str | None) -> dict[str, Any]:
+    return PROBLEM_SETTINGS.get(problem or "", {}).get(name) or SETTINGS[name]

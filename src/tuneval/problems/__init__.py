@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from tuneval.problems import classification
+from tuneval.problems import classification, extractive_qa
 
-PROBLEMS: dict[str, ModuleType] = {classification.NAME: classification}
+PROBLEMS: dict[str, ModuleType] = {classification.NAME: classification, extractive_qa.NAME: extractive_qa}
 
 
 def get(problem: str) -> ModuleType:
