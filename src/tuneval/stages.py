@@ -24,10 +24,10 @@ from tuneval.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ORDER = ("load", "prepare", "finetune", "predict", "score")
+ORDER = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
-CODE_VERSION = {"load": 1, "prepare": 1, "finetune": 1, "predict": 1, "score": 1}
+CODE_VERSION = {"load": 1, "prepare": 1, "intrinsic": 1, "finetune": 1, "predict": 1, "score": 1}
 
 
 def _store(settings: Settings) -> Store:
@@ -80,6 +80,39 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
         return {"info": info, "splits": summary}
 
     return _store(settings).get_or_build("prepare", key, parts, build, force)
+
+
+def has_intrinsic(run: RunSpec) -> bool:
+    """Only problems that score the pre-trained model itself (seq2seq perplexity) have the stage."""
+    return hasattr(problems.get(run.benchmark.problem), "intrinsic")
+
+
+def intrinsic(
+    run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False, progress: bool = False
+) -> StageOutcome:
+    """The pre-trained model's own scores on the test split (seq2seq: perplexity of the targets).
+
+    A stage of its own, keyed by the model's files and the prepared data only: it is computed
+    once per model x benchmark, whatever the seeds and recipes, and survives retraining.
+    """
+    from tuneval import training
+
+    problem = problems.get(run.benchmark.problem)
+    spec = {"model": run.model.model_dump(mode="json", exclude={"source", "revision"}), "split": "test"}
+    upstream = {"prepare": prepared.fingerprint, "model": models.files_fingerprint(run.model_path, run.model.revision)}
+    key, parts = stage_key("intrinsic", CODE_VERSION["intrinsic"], spec, upstream)
+
+    def build(out: Path) -> dict[str, Any]:
+        info = prepared.meta()["info"]
+        rt = _runtime(run, settings, run.train.precision, progress)
+        training.seed_everything(0)  # newly initialised weights (BERT2BERT cross-attention) are fixed
+        tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
+        model = problem.build_model(run, tokenizer, info)
+        results = problem.intrinsic(model, tokenizer, data.open_split(prepared.path, "test"), info, rt)
+        (out / "metrics.json").write_text(json.dumps(results, indent=1))
+        return {"metrics": results}
+
+    return _store(settings).get_or_build("intrinsic", key, parts, build, force)
 
 
 def _max_len(run: RunSpec) -> int:

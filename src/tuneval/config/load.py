@@ -241,7 +241,7 @@ def _suggest(word: str, choices: Any) -> str:
     return f"; declared: {', '.join(names) or 'none'}"
 
 
-UNION_TAGS = {"TopK", "str", "int", "float", "bool", "classification"}
+UNION_TAGS = {"TopK", "str", "int", "float", "bool", "classification", "seq2seq"}
 
 
 def _is_tag(part: Any) -> bool:
@@ -297,9 +297,16 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     if len(loc) == 1:
         return list(schema.Config.model_fields)
     if len(loc) == 3 and loc[0] in top:
-        return list(top[loc[0]].model_fields)
-    if len(loc) == 4 and loc[0] == "benchmarks" and loc[2] in ("data", "columns"):
-        sub = schema.DataSpec if loc[2] == "data" else schema.ClassificationColumns
+        fields = list(top[loc[0]].model_fields)
+        if loc[0] == "benchmarks":  # every problem kind's keys: the kind may be the unknown part
+            fields += [f for f in schema.Seq2SeqBenchmark.model_fields if f not in fields]
+        return fields
+    if len(loc) == 4 and loc[0] == "benchmarks" and loc[2] in ("data", "columns", "generation"):
+        sub = {"data": schema.DataSpec, "generation": schema.GenerationSettings}.get(loc[2])
+        if sub is None:
+            return list(schema.ClassificationColumns.model_fields) + [
+                f for f in schema.Seq2SeqColumns.model_fields if f not in schema.ClassificationColumns.model_fields
+            ]
         return list(sub.model_fields)
     return []
 

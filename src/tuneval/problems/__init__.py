@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from tuneval.problems import classification
+from tuneval.problems import classification, seq2seq
 
-PROBLEMS: dict[str, ModuleType] = {classification.NAME: classification}
+PROBLEMS: dict[str, ModuleType] = {classification.NAME: classification, seq2seq.NAME: seq2seq}
 
 
 def get(problem: str) -> ModuleType:
