@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from tuneval.batching import PAD_LABEL, iterate, make_collate, sorted_batches
 from tuneval.errors import ModelError
 
 log = logging.getLogger(__name__)
+# EncoderDecoderModel warns on every labelled call that pre-4.12 checkpoints computed the loss
+# differently; it does not apply to models warm-started here.
+warnings.filterwarnings("ignore", message="Version v4.12.0 introduces a better way", category=FutureWarning)
 
 ENCODER_DECODER, ENCODER_ONLY, DECODER_ONLY = "encoder-decoder", "encoder-only", "decoder-only"
 MODEL_CONFIG = "tuneval_seq2seq.json"
