@@ -128,7 +128,7 @@ def test_generation_batched_equals_one_by_one(model_dir: Path, name: str, beams:
     tok = models.load_tokenizer(str(model_dir / name))
     torch.manual_seed(0)
     model = seq2seq.build_model(run_for(model_dir / name), tok, info)
-    settings = dict(info["generation"])
+    settings = b.generation.model_dump()
     batched = decoding.generate_texts(model, tok, ds, {**settings, "batch_size": 4}, RT.device)
     single = decoding.generate_texts(model, tok, ds, {**settings, "batch_size": 1}, RT.device)
     assert batched == single and len(batched) == 7
@@ -159,7 +159,7 @@ def test_saved_model_round_trip_keeps_scores(model_dir: Path, tmp_path: Path) ->
     seq2seq.save_model(model, tok, tmp_path, info)
     loaded, tok2, info2 = seq2seq.load_model(tmp_path)
     assert seq2seq.evaluate(loaded, tok2, ds, info2, RT)["perplexity"] == pytest.approx(before["perplexity"])
-    assert info2["generation"] == info["generation"]
+    assert info2 == info
 
 
 # ---------------------------------------------------------------- bad input

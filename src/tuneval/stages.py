@@ -47,7 +47,8 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
     t = run.train
     caps = {"train": t.max_train_samples, "validation": t.max_eval_samples, "test": t.max_test_samples}
     spec = {
-        "benchmark": run.benchmark.model_dump(mode="json", exclude={"data", "metrics"}),
+        # generation settings only matter from predict on: changing them must not retrain.
+        "benchmark": run.benchmark.model_dump(mode="json", exclude={"data", "metrics", "generation"}),
         "caps": {**caps, "data_seed": t.data_seed},
     }
     upstream = {
@@ -211,15 +212,17 @@ def predict(
     progress: bool = True,
 ) -> StageOutcome:
     problem = problems.get(run.benchmark.problem)
+    options = predict_options(run)
     key, parts = stage_key(
         "predict",
         CODE_VERSION["predict"],
-        {"split": "test"},
+        {"split": "test", **options},
         {"finetune": tuned.fingerprint, "prepare": prepared.fingerprint},
     )
 
     def build(out: Path) -> dict[str, Any]:
         model, tokenizer, info = problem.load_model(tuned.dir / "model")
+        info = {**info, **options}
         rt = _runtime(run, settings, tuned.meta()["precision"], progress)
         table = problem.predict(model, tokenizer, data.open_split(prepared.path, "test"), info, rt)
         write_parquet(table, out / "predictions.parquet")
@@ -246,6 +249,13 @@ def score(
         return {"metrics": results, "settings": spec["settings"]}
 
     return _store(settings).get_or_build("score", key, parts, build, force)
+
+
+def predict_options(run: RunSpec) -> dict[str, Any]:
+    """Benchmark settings used only at prediction time (seq2seq ``generation``): in predict's key
+    and handed to the predict hook in ``info``, never in prepare's or finetune's."""
+    gen = getattr(run.benchmark, "generation", None)
+    return {"generation": gen.model_dump(mode="json")} if gen is not None else {}
 
 
 def write_parquet(table: dict[str, list[Any]], path: Path) -> None:

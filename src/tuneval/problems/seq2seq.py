@@ -52,7 +52,9 @@ def check_data(splits: dict[str, Any], bench: Any, sources: dict[str, str]) -> d
                     f"{sources[split]}: row {bad[0] + 1}: '{name}' is empty or not text in split '{split}' "
                     f"({len(bad)} such rows); remove those rows or fix benchmarks.<name>.columns.{field}"
                 )
-    return {"prefix": bench.prefix, "generation": bench.generation.model_dump(mode="json")}
+    # Generation settings are not here: the predict stage hands them over (stages.predict_options),
+    # so changing them reruns predict and score only.
+    return {"prefix": bench.prefix}
 
 
 def _values(ds: Any, name: str) -> list[Any]:
@@ -184,7 +186,8 @@ def evaluate(model: nn.Module, tokenizer: Any, ds: Any, info: dict[str, Any], rt
 
 
 def predict(model: nn.Module, tokenizer: Any, ds: Any, info: dict[str, Any], rt: Runtime) -> dict[str, list[Any]]:
-    """Generated text beside its reference and source, with the teacher-forced NLL of the reference."""
+    """Generated text beside its reference and source, with the teacher-forced NLL of the reference.
+    ``info["generation"]`` comes from the predict stage (the benchmark's generation block)."""
     from tuneval import decoding
 
     texts = decoding.generate_texts(model, tokenizer, ds, info["generation"], rt.device, rt.precision, rt.progress)
@@ -229,7 +232,6 @@ def score(
             "empty_predictions": sum(1 for p in preds if not p.strip()),
             "mean_prediction_words": sum(len(p.split()) for p in preds) / max(len(preds), 1),
             "mean_reference_words": sum(len(r.split()) for r in refs) / max(len(refs), 1),
-            "generation": info.get("generation"),
             "samples": [
                 {"example_id": table["example_id"][i], "reference": refs[i], "prediction": preds[i]}
                 for i in range(min(5, len(preds)))
