@@ -205,7 +205,7 @@ def predict(model: nn.Module, tokenizer: Any, ds: Any, info: dict[str, Any], rt:
 def intrinsic(model: nn.Module, tokenizer: Any, ds: Any, info: dict[str, Any], rt: Runtime) -> dict[str, float]:
     """Perplexity of the model before fine-tuning on the test targets (same tokens as predict's)."""
     r = _nll(model, tokenizer, ds, rt)
-    return {"pretrained_perplexity": perplexity_of(r["nll"], r["tokens"]), "pretrained_target_tokens": sum(r["tokens"])}
+    return {"pretrained_perplexity": perplexity_of(r["nll"], r["tokens"])}
 
 
 def score(
