@@ -75,6 +75,10 @@ def test_collate_pads_labels_with_ignore_index() -> None:
     batch = make_collate(pad_id=0)(rows)
     assert batch["labels"].tolist() == [[PAD_LABEL, 3, 4], [9, PAD_LABEL, PAD_LABEL]]
     assert batch["input_ids"].tolist()[1] == [1, 0, 0]
+    # Encoder-decoder targets can be longer than their sources: each field gets its own width.
+    batch = make_collate(pad_id=0)([{"input_ids": [5], "attention_mask": [1], "labels": [7, 8, 9]}, rows[1]])
+    assert batch["input_ids"].tolist() == [[5], [1]]
+    assert batch["labels"].tolist() == [[7, 8, 9], [9, PAD_LABEL, PAD_LABEL]]
 
 
 def test_dotted_columns_read_the_wmt_layout() -> None:
