@@ -7,11 +7,11 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks import finetune_task, load_task, predict_task, prepare_task, score_task
+from tasks import finetune_task, intrinsic_task, load_task, predict_task, prepare_task, score_task
 from tuneval.config.runs import RunSpec
 from tuneval.record import RunRecord
 from tuneval.settings import Settings
-from tuneval.stages import ORDER
+from tuneval.stages import ORDER, has_intrinsic
 
 
 @flow(
@@ -33,6 +33,9 @@ def pipeline_run_flow(
         stage = "prepare"
         prepared = prepare_task(run, settings, loaded.ref, "prepare" in forced)
         record.stage_done(stage, prepared)
+        if has_intrinsic(run):
+            stage = "intrinsic"
+            record.stage_done(stage, intrinsic_task(run, settings, prepared.ref, "intrinsic" in forced))
         stage = "finetune"
         tuned = finetune_task(run, settings, prepared.ref, "finetune" in forced)
         record.stage_done(stage, tuned)

@@ -62,6 +62,7 @@ def model_dir() -> Path:
         tiny.bert(folder / "bert")
         tiny.gpt2(folder / "gpt2")
         tiny.gpt2(folder / "gpt2-left", padding_side="left")
+        tiny.bart(folder / "bart")
     return folder
 
 

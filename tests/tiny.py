@@ -122,4 +122,63 @@ def qa_rows(n: int, seed: int, min_words: int = 12, max_words: int = 60) -> list
                 "answers": {"text": [answer, "masterpiece"], "answer_start": [start, start + len(answer) - 11]},
             }
         )
+
+
+def bart(folder: Path, hidden: int = 32, layers: int = 1) -> Path:
+    """A BART (encoder-decoder, AutoModelForSeq2SeqLM) with a byte-level BPE tokenizer: <s> a </s>."""
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = __import__("tokenizers").decoders.ByteLevel()
+    tok.train_from_iterator(
+        corpus(),
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    config = BartConfig(
+        vocab_size=len(fast),
+        d_model=hidden,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=hidden * 2,
+        decoder_ffn_dim=hidden * 2,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def summary_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Toy summarization: the summary is the document's first three words (learnable by copying)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 10))]
+        rows.append({"id": f"d{seed}-{i}", "document": " ".join(words), "summary": " ".join(words[:3])})
     return rows

@@ -46,15 +46,16 @@ def make_collate(
     """Pad token-id style fields per batch; copy scalar fields (labels) into a tensor."""
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        if multiple_of:
-            width = -(-width // multiple_of) * multiple_of
         out: dict[str, torch.Tensor] = {}
         for key in rows[0]:
             values = [r[key] for r in rows]
             if key == "example_id":
                 continue
             if isinstance(values[0], list):
+                # Each field to its own longest row: seq2seq labels (targets) may outrun input_ids.
+                width = max(len(v) for v in values)
+                if multiple_of:
+                    width = -(-width // multiple_of) * multiple_of
                 fill = pad_id if key == "input_ids" else (PAD_LABEL if key == "labels" else 0)
                 out[key] = torch.tensor([_pad(v, width, fill, padding_side) for v in values])
             else:

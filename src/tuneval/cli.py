@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from tuneval import __version__
 from tuneval.errors import TunevalError
 
-STAGES = ("load", "prepare", "finetune", "predict", "score")
+STAGES = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 
 # Quiet, offline-friendly defaults; any of them can be overridden from the environment.
 ENV_DEFAULTS = {

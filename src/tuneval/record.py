@@ -50,8 +50,8 @@ class RunRecord:
 
     def stage_done(self, stage: str, outcome: StageOutcome) -> None:
         self.stages[stage] = {"status": outcome.status, "seconds": round(outcome.seconds, 3), "key": outcome.ref.key}
-        if stage == "score":
-            self.metrics = dict(outcome.ref.meta()["metrics"])
+        if stage in ("intrinsic", "score"):
+            self.metrics.update(outcome.ref.meta()["metrics"])
         if self.tracker is None or self.mlflow_run_id is None:
             return
         t, rid, folder = self.tracker, self.mlflow_run_id, outcome.ref.dir
@@ -100,6 +100,9 @@ class RunRecord:
             )
             t.set_tags(rid, {"tuneval.device": meta["device"], "tuneval.precision": meta["precision"]})
             t.log_artifacts(rid, folder / "model", "model")
+        elif stage == "intrinsic":
+            t.log_metrics(rid, {f"test_{k}": v for k, v in meta["metrics"].items()})
+            t.log_artifact(rid, folder / "metrics.json", "intrinsic")
         elif stage == "predict":
             t.log_artifact(rid, folder / "predictions.parquet", "predictions")
         elif stage == "score":

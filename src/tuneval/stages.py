@@ -25,14 +25,14 @@ from tuneval.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ORDER = ("load", "prepare", "finetune", "predict", "score")
+ORDER = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 # Train settings that do not change what is learned (resume is exact), and the data caps that
 # the prepare stage's key already holds: both stay out of the finetune key.
 SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
-CODE_VERSION = {"load": 1, "prepare": 2, "finetune": 2, "predict": 1, "score": 2}
+CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 2, "predict": 2, "score": 2}
 
 
 def _store(settings: Settings) -> Store:
@@ -52,7 +52,8 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
     t = run.train
     caps = {"train": t.max_train_samples, "validation": t.max_eval_samples, "test": t.max_test_samples}
     spec = {
-        "benchmark": run.benchmark.model_dump(mode="json", exclude={"data", "metrics"}),
+        # generation settings only matter from predict on: changing them must not retrain.
+        "benchmark": run.benchmark.model_dump(mode="json", exclude={"data", "metrics", "generation"}),
         "caps": {**caps, "data_seed": t.data_seed},
     }
     upstream = {
@@ -85,6 +86,39 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
         return {"info": info, "splits": summary}
 
     return _store(settings).get_or_build("prepare", key, parts, build, force)
+
+
+def has_intrinsic(run: RunSpec) -> bool:
+    """Only problems that score the pre-trained model itself (seq2seq perplexity) have the stage."""
+    return hasattr(problems.get(run.benchmark.problem), "intrinsic")
+
+
+def intrinsic(
+    run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False, progress: bool = False
+) -> StageOutcome:
+    """The pre-trained model's own scores on the test split (seq2seq: perplexity of the targets).
+
+    A stage of its own, keyed by the model's files and the prepared data only: it is computed
+    once per model x benchmark, whatever the seeds and recipes, and survives retraining.
+    """
+    from tuneval import training
+
+    problem = problems.get(run.benchmark.problem)
+    spec = {"model": run.model.model_dump(mode="json", exclude={"source", "revision"}), "split": "test"}
+    upstream = {"prepare": prepared.fingerprint, "model": models.files_fingerprint(run.model_path, run.model.revision)}
+    key, parts = stage_key("intrinsic", CODE_VERSION["intrinsic"], spec, upstream)
+
+    def build(out: Path) -> dict[str, Any]:
+        info = prepared.meta()["info"]
+        rt = _runtime(run, settings, run.train.precision, progress)
+        training.seed_everything(0)  # newly initialised weights (BERT2BERT cross-attention) are fixed
+        tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
+        model = problem.build_model(run, tokenizer, info)
+        results = problem.intrinsic(model, tokenizer, data.open_split(prepared.path, "test"), info, rt)
+        (out / "metrics.json").write_text(json.dumps(results, indent=1))
+        return {"metrics": results}
+
+    return _store(settings).get_or_build("intrinsic", key, parts, build, force)
 
 
 def _max_len(run: RunSpec) -> int:
@@ -190,15 +224,17 @@ def predict(
     progress: bool = True,
 ) -> StageOutcome:
     problem = problems.get(run.benchmark.problem)
+    options = predict_options(run)
     key, parts = stage_key(
         "predict",
         CODE_VERSION["predict"],
-        {"split": "test"},
+        {"split": "test", **options},
         {"finetune": tuned.fingerprint, "prepare": prepared.fingerprint},
     )
 
     def build(out: Path) -> dict[str, Any]:
         model, tokenizer, info = problem.load_model(tuned.dir / "model")
+        info = {**info, **options}
         rt = _runtime(run, settings, tuned.meta()["precision"], progress)
         table = problem.predict(model, tokenizer, data.open_split(prepared.path, "test"), info, rt)
         write_parquet(table, out / "predictions.parquet")
@@ -225,6 +261,13 @@ def score(
         return {"metrics": results, "settings": spec["settings"]}
 
     return _store(settings).get_or_build("score", key, parts, build, force)
+
+
+def predict_options(run: RunSpec) -> dict[str, Any]:
+    """Benchmark settings used only at prediction time (seq2seq ``generation``): in predict's key
+    and handed to the predict hook in ``info``, never in prepare's or finetune's."""
+    gen = getattr(run.benchmark, "generation", None)
+    return {"generation": gen.model_dump(mode="json")} if gen is not None else {}
 
 
 def write_parquet(table: dict[str, list[Any]], path: Path) -> None:

@@ -243,7 +243,7 @@ def _suggest(word: str, choices: Any) -> str:
     return f"; declared: {', '.join(names) or 'none'}"
 
 
-UNION_TAGS = {"TopK", "str", "int", "float", "bool", "classification", "extractive_qa"}
+UNION_TAGS = {"TopK", "str", "int", "float", "bool", "classification", "extractive_qa", "seq2seq"}
 
 
 def _is_tag(part: Any) -> bool:
@@ -291,26 +291,24 @@ def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any] | None = None) -> li
     """Field names allowed beside an unknown key, for the error message."""
     from tuneval.config import schema
 
-    if loc[0] == "benchmarks" and len(loc) in (3, 4) and _problem_of(raw, loc[1]) == "extractive_qa":
-        if len(loc) == 3:
-            return list(schema.ExtractiveQABenchmark.model_fields)
-        if loc[2] == "columns":
-            return list(schema.QAColumns.model_fields)
-
+    kinds: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+        "classification": (schema.ClassificationBenchmark, schema.ClassificationColumns),
+        "extractive_qa": (schema.ExtractiveQABenchmark, schema.QAColumns),
+        "seq2seq": (schema.Seq2SeqBenchmark, schema.Seq2SeqColumns),
+    }
     if len(loc) >= 2 and loc[-2] == "train":
         return list(TrainSettings.model_fields)
-    top: dict[str, type[BaseModel]] = {
-        "models": schema.ModelSpec,
-        "pipelines": schema.PipelineSpec,
-        "benchmarks": schema.ClassificationBenchmark,
-    }
     if len(loc) == 1:
         return list(schema.Config.model_fields)
+    if loc[0] == "benchmarks" and len(loc) in (3, 4):
+        bench, columns = kinds.get(_problem_of(raw, loc[1]), kinds["classification"])
+        if len(loc) == 3:
+            return list(bench.model_fields)
+        sub = {"data": schema.DataSpec, "generation": schema.GenerationSettings, "columns": columns}.get(loc[2])
+        return list(sub.model_fields) if sub else []
+    top = {"models": schema.ModelSpec, "pipelines": schema.PipelineSpec}
     if len(loc) == 3 and loc[0] in top:
         return list(top[loc[0]].model_fields)
-    if len(loc) == 4 and loc[0] == "benchmarks" and loc[2] in ("data", "columns"):
-        sub = schema.DataSpec if loc[2] == "data" else schema.ClassificationColumns
-        return list(sub.model_fields)
     return []
 
 

@@ -151,7 +151,52 @@ class ExtractiveQABenchmark(Strict):
         return self
 
 
-BenchmarkSpec = Annotated[Union[ClassificationBenchmark, ExtractiveQABenchmark], Field(discriminator="problem")]
+class Seq2SeqColumns(Strict):
+    """Column names; a dotted name reads a nested field (``translation.en`` for the wmt layout)."""
+
+    source: str = "source"
+    target: str = "target"
+    id: str | None = None
+
+
+class GenerationSettings(Strict):
+    """How predictions are generated (greedy when num_beams is 1)."""
+
+    num_beams: int = Field(1, ge=1, le=16, description="1 = greedy; more = beam search")
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+    length_penalty: float = Field(1.0, ge=-5.0, le=5.0, description="beam search only; >1 favours longer outputs")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=10, description="0 = off")
+    batch_size: int = Field(16, ge=1, le=1024, description="examples per generate() call")
+
+    @model_validator(mode="after")
+    def _beam_only(self) -> GenerationSettings:
+        if self.num_beams == 1 and self.length_penalty != 1.0:
+            raise ValueError("length_penalty only applies to beam search; set num_beams > 1 or drop length_penalty")
+        return self
+
+
+Seq2SeqMetric = Literal["rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity"]
+
+
+class Seq2SeqBenchmark(Strict):
+    problem: Literal["seq2seq"]
+    data: DataSpec
+    columns: Seq2SeqColumns = Seq2SeqColumns()
+    prefix: str = Field("", description="task prefix put before every source, e.g. 'summarize: ' (T5 style)")
+    max_source_length: PositiveInt = 256
+    max_target_length: PositiveInt = 64
+    generation: GenerationSettings = GenerationSettings()
+    metrics: list[Seq2SeqMetric] = Field(["rouge1", "rouge2", "rougeL", "rougeLsum", "perplexity"], min_length=1)
+
+    @property
+    def max_length(self) -> int:
+        """The source budget: what the prepare summary counts truncation against."""
+        return self.max_source_length
+
+
+BenchmarkSpec = Annotated[
+    Union[ClassificationBenchmark, ExtractiveQABenchmark, Seq2SeqBenchmark], Field(discriminator="problem")
+]
 
 
 class ModelSpec(Strict):

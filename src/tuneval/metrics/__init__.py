@@ -15,6 +15,13 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "f1": ("macro_prf", "MacroPRF", "f1"),
     "precision": ("macro_prf", "MacroPRF", "precision"),
     "recall": ("macro_prf", "MacroPRF", "recall"),
+    "rouge1": ("rouge", "Rouge", "rouge1"),
+    "rouge2": ("rouge", "Rouge", "rouge2"),
+    "rougeL": ("rouge", "Rouge", "rougeL"),
+    "rougeLsum": ("rouge", "Rouge", "rougeLsum"),
+    "bleu": ("sacrebleu_metrics", "SacreBleu", "bleu"),
+    "chrf": ("sacrebleu_metrics", "SacreBleu", "chrf"),
+    "perplexity": ("perplexity", "Perplexity", "default"),
 }
 # A problem kind whose metric shares a name with another kind's ("f1") overrides it here.
 PROBLEM_REGISTRY: dict[str, dict[str, tuple[str, str, str]]] = {

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from tuneval.problems import classification, extractive_qa
+from tuneval.problems import classification, extractive_qa, seq2seq
 
-PROBLEMS: dict[str, ModuleType] = {classification.NAME: classification, extractive_qa.NAME: extractive_qa}
+PROBLEMS: dict[str, ModuleType] = {
+    classification.NAME: classification,
+    extractive_qa.NAME: extractive_qa,
+    seq2seq.NAME: seq2seq,
+}
 
 
 def get(problem: str) -> ModuleType:

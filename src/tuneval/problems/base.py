@@ -3,6 +3,10 @@
 A problem is a module with these names (structural typing, no registration machinery).
 ``info`` is the problem's own summary of the data made by ``check_data`` (for classification:
 the label names); it is stored in the prepare artifact and handed to every later hook.
+
+One optional hook: ``intrinsic(model, tokenizer, ds, info, rt) -> dict[str, float]`` scores the
+pre-trained model itself (built by ``build_model``, before any training) on the test split;
+when a problem has it, the ``intrinsic`` stage runs (seq2seq: pre-trained perplexity).
 """
 
 from __future__ import annotations
