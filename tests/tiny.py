@@ -97,33 +97,6 @@ def sentiment_rows(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def qa_rows(n: int, seed: int, min_words: int = 12, max_words: int = 60) -> list[dict]:
-    """Toy SQuAD rows (HF layout): the answer is the one 'masterpiece' (sometimes 'a masterpiece')
-    hidden in a context of fixture words, so a tiny model can learn where it starts and ends."""
-    import random
-
-    rng = random.Random(seed)
-    filler = [w for w in WORDS if w not in ("masterpiece", "a")]
-    rows = []
-    for i in range(n):
-        words = [rng.choice(filler) for _ in range(rng.randint(min_words, max_words))]
-        at = rng.randrange(len(words))
-        answer = "a masterpiece" if rng.random() < 0.3 else "masterpiece"
-        words.insert(at, answer)
-        context = " ".join(words)
-        start = len(" ".join(words[:at])) + (1 if at else 0)
-        assert context[start : start + len(answer)] == answer
-        rows.append(
-            {
-                "id": f"q{seed}-{i}",
-                "title": "toy",
-                "context": context,
-                "question": rng.choice(["what is the best film", "which movie is great", "the best story"]),
-                "answers": {"text": [answer, "masterpiece"], "answer_start": [start, start + len(answer) - 11]},
-            }
-        )
-
-
 def bart(folder: Path, hidden: int = 32, layers: int = 1) -> Path:
     """A BART (encoder-decoder, AutoModelForSeq2SeqLM) with a byte-level BPE tokenizer: <s> a </s>."""
     from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
@@ -181,4 +154,32 @@ def summary_rows(n: int, seed: int) -> list[dict[str, str]]:
     for i in range(n):
         words = [rng.choice(WORDS) for _ in range(rng.randint(5, 10))]
         rows.append({"id": f"d{seed}-{i}", "document": " ".join(words), "summary": " ".join(words[:3])})
+    return rows
+
+
+def qa_rows(n: int, seed: int, min_words: int = 12, max_words: int = 60) -> list[dict]:
+    """Toy SQuAD rows (HF layout): the answer is the one 'masterpiece' (sometimes 'a masterpiece')
+    hidden in a context of fixture words, so a tiny model can learn where it starts and ends."""
+    import random
+
+    rng = random.Random(seed)
+    filler = [w for w in WORDS if w not in ("masterpiece", "a")]
+    rows = []
+    for i in range(n):
+        words = [rng.choice(filler) for _ in range(rng.randint(min_words, max_words))]
+        at = rng.randrange(len(words))
+        answer = "a masterpiece" if rng.random() < 0.3 else "masterpiece"
+        words.insert(at, answer)
+        context = " ".join(words)
+        start = len(" ".join(words[:at])) + (1 if at else 0)
+        assert context[start : start + len(answer)] == answer
+        rows.append(
+            {
+                "id": f"q{seed}-{i}",
+                "title": "toy",
+                "context": context,
+                "question": rng.choice(["what is the best film", "which movie is great", "the best story"]),
+                "answers": {"text": [answer, "masterpiece"], "answer_start": [start, start + len(answer) - 11]},
+            }
+        )
     return rows
