@@ -45,6 +45,26 @@ _SQUAD = {
     "normalize": "lower-case, drop string.punctuation, drop articles a/an/the, collapse white space",
     "aggregate": "max over gold answers, mean over questions, x 100",
 }
+_ROUGE = {
+    "library": "rouge-score RougeScorer",
+    "use_stemmer": True,
+    "score": "F-measure, mean over examples, scale 0-1",
+    "tokenizer": "rouge-score default (lowercase, non-alphanumerics removed)",
+    "rougeLsum_sentences": "regex split after . ! ? followed by whitespace, joined by newlines (no nltk punkt)",
+}
+SETTINGS.update(
+    {
+        "rouge1": _ROUGE,
+        "rouge2": _ROUGE,
+        "rougeL": _ROUGE,
+        "rougeLsum": _ROUGE,
+        "perplexity": {
+            "definition": "exp(sum over examples of target-token NLL / total target tokens), teacher-forced",
+            "log_base": "e",
+            "tokens": "label tokens (target + eos); decoder-only prompts excluded",
+        },
+    }
+)
 PROBLEM_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "extractive_qa": {"exact_match": _SQUAD, "f1": _SQUAD},
 }
@@ -66,4 +86,22 @@ def settings(name: str, problem: str | None = None) -> dict[str, Any]:
 
 
 def _settings(name: str, problem: str | None) -> dict[str, Any]:
+    if name in ("bleu", "chrf"):
+        return _sacrebleu_settings()
     return PROBLEM_SETTINGS.get(problem or "", {}).get(name) or SETTINGS[name]
+
+
+def _sacrebleu_settings() -> dict[str, Any]:
+    """sacrebleu's own signatures (version, tokeniser, smoothing): what makes BLEU comparable."""
+    import sacrebleu
+
+    def signature(metric: Any) -> str:
+        metric.corpus_score(["a"], [["a"]])  # the signature needs the reference count: one, as scored
+        return str(metric.get_signature())
+
+    return {
+        "library": "sacrebleu corpus_score",
+        "bleu_signature": signature(sacrebleu.BLEU()),
+        "chrf_signature": signature(sacrebleu.CHRF()),
+        "scale": "0-100",
+    }

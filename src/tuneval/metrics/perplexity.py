@@ -10,12 +10,6 @@ import math
 import datasets
 import evaluate
 
-SETTINGS = {
-    "definition": "exp(sum over examples of target-token NLL / total target tokens), teacher-forced",
-    "log_base": "e",
-    "tokens": "label tokens (target + eos); decoder-only prompts excluded",
-}
-
 
 class Perplexity(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:

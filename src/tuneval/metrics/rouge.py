@@ -16,14 +16,6 @@ from rouge_score import rouge_scorer
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
-SETTINGS = {
-    "library": "rouge-score RougeScorer",
-    "use_stemmer": True,
-    "score": "F-measure, mean over examples, scale 0-1",
-    "tokenizer": "rouge-score default (lowercase, non-alphanumerics removed)",
-    "rougeLsum_sentences": "regex split after . ! ? followed by whitespace, joined by newlines (no nltk punkt)",
-}
-
 
 def split_sentences(text: str) -> str:
     """One sentence per line, for rougeLsum."""
