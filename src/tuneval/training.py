@@ -87,8 +87,10 @@ def build_optimizer(model: nn.Module, s: TrainSettings, device: torch.device) ->
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused on CPU too: the per-tensor loop was a quarter of a MiniLM step on 2 cores (profiled).
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
-        groups, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_epsilon, fused=device.type == "cuda"
+        groups, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_epsilon, fused=fused
     )
 
 
