@@ -32,7 +32,7 @@ SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "k
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
-CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 2, "predict": 2, "score": 2}
+CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 3, "predict": 2, "score": 2}
 
 
 def _store(settings: Settings) -> Store:
