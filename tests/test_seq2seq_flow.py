@@ -11,10 +11,10 @@ import pytest
 import tiny
 import yaml
 from conftest import write_rows
+from test_stages import all_stages, runs_of
 
-from tasks import finetune_task, intrinsic_task, load_task, predict_task, prepare_task, score_task
+from tasks import load_task, prepare_task
 from tuneval.cli import main
-from tuneval.config import load_config, resolve_runs
 from tuneval.errors import ConfigError, DataError
 from tuneval.settings import Settings
 
@@ -52,24 +52,6 @@ def s2s_project(tmp_path: Path, model_dir: Path) -> Path:
     write_rows(tmp_path / "data" / "test.jsonl", tiny.summary_rows(30, 3))
     (tmp_path / "pipelines.yaml").write_text(PIPELINES)
     return tmp_path
-
-
-def runs_of(project: Path, edit=None):
-    if edit:
-        raw = yaml.safe_load((project / "pipelines.yaml").read_text())
-        edit(raw)
-        (project / "pipelines.yaml").write_text(yaml.safe_dump(raw))
-    return resolve_runs(load_config(project / "pipelines.yaml"))
-
-
-def all_stages(run, settings):
-    out = {"load": load_task.fn(run, settings)}
-    out["prepare"] = prepare_task.fn(run, settings, out["load"].ref)
-    out["intrinsic"] = intrinsic_task.fn(run, settings, out["prepare"].ref)
-    out["finetune"] = finetune_task.fn(run, settings, out["prepare"].ref)
-    out["predict"] = predict_task.fn(run, settings, out["finetune"].ref, out["prepare"].ref)
-    out["score"] = score_task.fn(run, settings, out["predict"].ref, out["prepare"].ref)
-    return out
 
 
 @pytest.mark.parametrize("model", ["b2b", "gpt", "bart"])

@@ -10,10 +10,11 @@ import pytest
 import yaml
 from conftest import write_rows
 
-from tasks import finetune_task, load_task, predict_task, prepare_task, score_task
+from tasks import finetune_task, intrinsic_task, load_task, predict_task, prepare_task, score_task
 from tuneval.config import load_config, resolve_runs
 from tuneval.errors import DataError
 from tuneval.settings import Settings
+from tuneval.stages import has_intrinsic
 
 
 def runs_of(project: Path, edit=None):
@@ -27,6 +28,8 @@ def runs_of(project: Path, edit=None):
 def all_stages(run, settings):
     out = {"load": load_task.fn(run, settings)}
     out["prepare"] = prepare_task.fn(run, settings, out["load"].ref)
+    if has_intrinsic(run):
+        out["intrinsic"] = intrinsic_task.fn(run, settings, out["prepare"].ref)
     out["finetune"] = finetune_task.fn(run, settings, out["prepare"].ref)
     out["predict"] = predict_task.fn(run, settings, out["finetune"].ref, out["prepare"].ref)
     out["score"] = score_task.fn(run, settings, out["predict"].ref, out["prepare"].ref)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,6 @@ class StageOutcome:
     status: str  # "ran" | "cached"
     seconds: float
     key_parts: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ref": asdict(self.ref)}
 
 
 def canonical_json(obj: Any) -> str:
