@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", choices=STAGES, metavar="STAGE", help=f"rerun STAGE and later ones ({', '.join(STAGES)})")
     r.add_argument("--json", metavar="PATH", help="write machine-readable results to PATH")
     r.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    r.add_argument(
+        "--always-flow",
+        action="store_true",
+        help="run through Prefect even when every stage is cached (by default such a run is only recorded)",
+    )
     r.set_defaults(func=cmd_run)
 
     u = sub.add_parser("ui", parents=[common], help="MLflow UI on the project's store (127.0.0.1)")
@@ -158,13 +163,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     runs = resolve_runs(loaded, args.pipelines)  # every check that needs no model, before any flow starts
     settings = Settings.from_env(loaded.root, track=not args.no_track)
+    from tuneval import runner
+
+    # Nothing to build: record the runs (MLflow, JSON, table) with the plain stage functions and
+    # skip Prefect, whose server start-up would be most of the time. --always-flow overrides.
+    cached = not args.always_flow and runner.all_cached(runs, settings, args.force)
+    server = None
+    if not cached and not os.environ.get("PREFECT_API_URL"):
+        from flows.server import early_server
+
+        server = early_server()  # starts while MLflow and Prefect import below
     if settings.track:
         from tuneval.tracking import Tracker
 
         Tracker(settings.tracking_uri, settings.artifact_root).check()
-    from flows.run_all import run_flow
-
-    results = run_flow(runs, settings, args.force)
+    if cached:
+        results = runner.run_groups(runs, settings, runner.run_plain)
+    else:
+        results = _run_with_prefect(runs, settings, args.force, server)
     if args.json:
         from tuneval.record import write_json
 
@@ -179,6 +195,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"error: {r.get('model')}/{r.get('benchmark')}/seed {r.get('seed')}: {r.get('error')}", file=sys.stderr)
     return 2 if failed else 0
+
+
+def _run_with_prefect(runs: list[Any], settings: Any, force: str | None, server: Any) -> list[dict[str, Any]]:
+    from flows.run_all import run_flow_on
+
+    # Without a ready early server: the user's PREFECT_API_URL, or Prefect's own temporary server.
+    return run_flow_on(server.api_url if server is not None and server.wait_ready() else None, runs, settings, force)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -42,6 +42,8 @@ class RunRecord:
                 "tuneval.seed": str(run.seed),
                 "tuneval.problem": run.benchmark.problem,
                 "prefect.flow_run_id": flow_run_id or "",
+                # "none": every stage was cached, so the CLI recorded the run without starting Prefect.
+                "tuneval.orchestrator": "prefect" if flow_run_id else "none",
                 **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
             }
             record.mlflow_run_id = tracker.start(run.pipeline, run.run_name, tags)

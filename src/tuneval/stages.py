@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tuneval import checkpoints as ckpt
 from tuneval import data, metrics, models, problems
 from tuneval.artifacts import ArtifactRef, StageOutcome, Store, stage_key
 from tuneval.config.runs import RunSpec
-from tuneval.problems.base import Runtime
 from tuneval.settings import Settings
+
+if TYPE_CHECKING:
+    from tuneval.problems.base import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,6 @@ def load(run: RunSpec, settings: Settings, force: bool = False) -> StageOutcome:
 
 
 def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool = False) -> StageOutcome:
-    problem = problems.get(run.benchmark.problem)
     t = run.train
     caps = {"train": t.max_train_samples, "validation": t.max_eval_samples, "test": t.max_test_samples}
     spec = {
@@ -63,6 +64,7 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
     key, parts = stage_key("prepare", CODE_VERSION["prepare"], spec, upstream)
 
     def build(out: Path) -> dict[str, Any]:
+        problem = problems.get(run.benchmark.problem)
         split_meta = loaded.meta()["splits"]
         splits = {s: data.open_split(loaded.path, s) for s in split_meta}
         info = problem.check_data(splits, run.benchmark, {s: m["source"] for s, m in split_meta.items()})
@@ -90,7 +92,7 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
 
 def has_intrinsic(run: RunSpec) -> bool:
     """Only problems that score the pre-trained model itself (seq2seq perplexity) have the stage."""
-    return hasattr(problems.get(run.benchmark.problem), "intrinsic")
+    return problems.has_intrinsic(run.benchmark.problem)
 
 
 def intrinsic(
@@ -101,14 +103,14 @@ def intrinsic(
     A stage of its own, keyed by the model's files and the prepared data only: it is computed
     once per model x benchmark, whatever the seeds and recipes, and survives retraining.
     """
-    from tuneval import training
-
-    problem = problems.get(run.benchmark.problem)
     spec = {"model": run.model.model_dump(mode="json", exclude={"source", "revision"}), "split": "test"}
     upstream = {"prepare": prepared.fingerprint, "model": models.files_fingerprint(run.model_path, run.model.revision)}
     key, parts = stage_key("intrinsic", CODE_VERSION["intrinsic"], spec, upstream)
 
     def build(out: Path) -> dict[str, Any]:
+        from tuneval import training
+
+        problem = problems.get(run.benchmark.problem)
         info = prepared.meta()["info"]
         rt = _runtime(run, settings, run.train.precision, progress)
         training.seed_everything(0)  # newly initialised weights (BERT2BERT cross-attention) are fixed
@@ -127,6 +129,7 @@ def _max_len(run: RunSpec) -> int:
 
 def _runtime(run: RunSpec, settings: Settings, precision: str, progress: bool) -> Runtime:
     from tuneval import training
+    from tuneval.problems.base import Runtime
 
     device = training.resolve_device(settings.device)
     return Runtime(
@@ -140,9 +143,6 @@ def _runtime(run: RunSpec, settings: Settings, precision: str, progress: bool) -
 def finetune(
     run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False, progress: bool = True
 ) -> StageOutcome:
-    from tuneval import training
-
-    problem = problems.get(run.benchmark.problem)
     # Speed-only knobs stay out of the key: they do not change what is learned.
     recipe = run.train.model_dump(
         mode="json",
@@ -164,6 +164,9 @@ def finetune(
     key, parts = stage_key("finetune", CODE_VERSION["finetune"], spec, upstream)
 
     def build(out: Path) -> dict[str, Any]:
+        from tuneval import training
+
+        problem = problems.get(run.benchmark.problem)
         prep_meta = prepared.meta()
         info = prep_meta["info"]
         rt = _runtime(run, settings, run.train.precision, progress=False)
@@ -209,9 +212,9 @@ def finetune(
     store = _store(settings)
     work_dir = store.work_dir("finetune", key)
     if force:
-        ckpt.clear(work_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
     outcome = store.get_or_build("finetune", key, parts, build, force)
-    ckpt.clear(work_dir)  # the committed artifact supersedes its checkpoints
+    shutil.rmtree(work_dir, ignore_errors=True)  # the committed artifact supersedes its checkpoints
     return outcome
 
 
@@ -223,7 +226,6 @@ def predict(
     force: bool = False,
     progress: bool = True,
 ) -> StageOutcome:
-    problem = problems.get(run.benchmark.problem)
     options = predict_options(run)
     key, parts = stage_key(
         "predict",
@@ -233,6 +235,7 @@ def predict(
     )
 
     def build(out: Path) -> dict[str, Any]:
+        problem = problems.get(run.benchmark.problem)
         model, tokenizer, info = problem.load_model(tuned.dir / "model")
         info = {**info, **options}
         rt = _runtime(run, settings, tuned.meta()["precision"], progress)
@@ -246,7 +249,6 @@ def predict(
 def score(
     run: RunSpec, settings: Settings, predicted: ArtifactRef, prepared: ArtifactRef, force: bool = False
 ) -> StageOutcome:
-    problem = problems.get(run.benchmark.problem)
     names = list(run.benchmark.metrics)
     spec = {"metrics": names, "settings": {n: metrics.settings(n, run.benchmark.problem) for n in names}}
     key, parts = stage_key(
@@ -254,6 +256,7 @@ def score(
     )
 
     def build(out: Path) -> dict[str, Any]:
+        problem = problems.get(run.benchmark.problem)
         table = pq.read_table(predicted.dir / "predictions.parquet").to_pydict()
         results, report = problem.score(table, names, prepared.meta()["info"])
         (out / "metrics.json").write_text(json.dumps(results, indent=1))
