@@ -10,6 +10,7 @@ from flows import user_errors
 from flows.pipeline_run import pipeline_run_flow
 from tuneval.config.runs import RunSpec
 from tuneval.errors import TunevalError
+from tuneval.leaderboard import flag_after_run
 from tuneval.record import SeedGroup, group_by_seeds
 from tuneval.settings import Settings
 
@@ -34,4 +35,5 @@ def run_flow(runs: list[RunSpec], settings: Settings, force_from: str | None = N
         if parent is not None:
             parent.close(group_results)
         results += group_results
+    flag_after_run(settings, list(dict.fromkeys(r.pipeline for r in runs)))  # tags + warns on regressions
     return results

@@ -41,6 +41,7 @@ class RunRecord:
                 "tuneval.benchmark": run.benchmark_name,
                 "tuneval.seed": str(run.seed),
                 "tuneval.problem": run.benchmark.problem,
+                "tuneval.invocation": settings.invocation,
                 "prefect.flow_run_id": flow_run_id or "",
                 **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
             }
@@ -195,6 +196,7 @@ class SeedGroup:
                 "tuneval.benchmark": benchmark,
                 "tuneval.seeds": ",".join(map(str, seeds)),
                 "tuneval.kind": "seed-group",
+                "tuneval.invocation": settings.invocation,
             }
             self.run_id = self.tracker.start(pipeline, f"{model}__{benchmark}", tags)
 
