@@ -224,12 +224,14 @@ def fmt(x: float) -> str:
     return f"{x:.1f}" if a >= 100 else f"{x:.2f}" if a >= 10 else f"{x:.4f}"
 
 
+def like(x: float, ref: float) -> str:
+    """x with as many decimals as ``fmt(ref)`` shows."""
+    return f"{x:.{len(fmt(ref).partition('.')[2])}f}"
+
+
 def mean_ci(e: Estimate) -> str:
     """``mean ± half-width`` with the mean's decimals; just the mean without a CI."""
-    if e.half is None:
-        return fmt(e.mean)
-    decimals = fmt(e.mean).partition(".")[2]
-    return f"{fmt(e.mean)} ± {e.half:.{len(decimals)}f}"
+    return fmt(e.mean) if e.half is None else f"{fmt(e.mean)} ± {like(e.half, e.mean)}"
 
 
 def _date(ms: int) -> str:
@@ -292,11 +294,9 @@ def detail_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     for e in report.latest:
         for name, est in e.metrics.items():
             c = changes.get((e.model, e.benchmark, name))
-            ci = (
-                f"[{fmt(est.ci_low)}, {fmt(est.ci_high)}]"
-                if est.ci_low is not None and est.ci_high is not None
-                else "-"
-            )
+            ci = "-"
+            if est.ci_low is not None and est.ci_high is not None:
+                ci = f"[{like(est.ci_low, est.mean)}, {like(est.ci_high, est.mean)}]"
             rows.append(
                 [
                     e.model,
@@ -309,7 +309,9 @@ def detail_rows(report: Report) -> tuple[list[str], list[list[str]]]:
                     _date(e.started),
                     e.cache,
                     mean_ci(c.previous) if c else "-",
-                    f"{est.mean - c.previous.mean:+.4g}" if c else "-",
+                    ("+" if est.mean >= c.previous.mean else "") + like(est.mean - c.previous.mean, est.mean)
+                    if c
+                    else "-",
                     c.verdict if c else "first run",
                 ]
             )
