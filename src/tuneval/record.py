@@ -108,6 +108,8 @@ class RunRecord:
             t.log_artifact(rid, folder / "predictions.parquet", "predictions")
         elif stage == "score":
             t.log_metrics(rid, {f"test_{k}": v for k, v in meta["metrics"].items()})
+            cis = meta.get("ci", {})  # 95% bootstrap over test examples: test_<metric>_ci_low / _ci_high
+            t.log_metrics(rid, {f"test_{k}_{end}": v for k, ci in cis.items() for end, v in ci.items()})
             t.log_dict(rid, meta["settings"], "metric_settings.json")
             t.log_params(rid, {"metric_settings": meta["settings"]})
             t.log_artifact(rid, folder / "report.json", "scores")
