@@ -206,3 +206,29 @@ def test_flag_after_run_tags_only_its_own_invocation(store: Settings) -> None:
     found = flag_after_run(store, ["nightly"])
     assert {(c.model, c.metric) for c in found} == {("m1", "accuracy"), ("m2", "perplexity")}
     assert {tracker.client.get_run(e.run_id).data.tags["tuneval.regression"] for e in report.latest} == {"true"}
+
+
+def _run(rid: str, status: str, tags: dict[str, str], metrics: dict[str, float], start: int = 1) -> dict:
+    base = {"tuneval.invocation": "i1", "tuneval.model": "m", "tuneval.benchmark": "b"}
+    return {"run_id": rid, "status": status, "start_time": start, "tags": base | tags, "metrics": metrics}
+
+
+def test_entries_edge_cases() -> None:
+    """A group where one seed of two survived takes that seed's bootstrap CI; runs still running, failed
+    single runs, and runs logged before invocation ids are not entries."""
+    group = {"tuneval.kind": "seed-group", "tuneval.seeds": "1,2"}
+    runs = [
+        _run("g", "FAILED", group, {"n_seeds": 1, "test_accuracy_mean": 0.8, "test_accuracy_std": 0.0}),
+        _run("c1", "FINISHED", {"mlflow.parentRunId": "g", "tuneval.seed": "1", "tuneval.cache": "score=ran"}, {})
+        | {"metrics": {"test_accuracy": 0.8, "test_accuracy_ci_low": 0.7, "test_accuracy_ci_high": 0.86}},
+        _run("c2", "FAILED", {"mlflow.parentRunId": "g", "tuneval.seed": "2"}, {}),
+        _run("running", "RUNNING", {"tuneval.model": "m2", "tuneval.seed": "1"}, {"test_accuracy": 0.5}),
+        _run("failed", "FAILED", {"tuneval.model": "m3", "tuneval.seed": "1"}, {"test_accuracy": 0.5}),
+        _run("old", "FINISHED", {"tuneval.invocation": "", "tuneval.model": "m4"}, {"test_accuracy": 0.5}),
+    ]
+    [entry] = rp.entries("p", runs)
+    assert (entry.run_id, entry.seeds, entry.n_seeds, entry.cache) == ("g", (1, 2), 1, "ran: score")
+    assert entry.metrics["accuracy"] == rp.Estimate(0.8, 0.7, 0.86, "bootstrap")
+    assert entry.metrics["accuracy"].half == pytest.approx(0.08)
+    assert rp.mean_ci(entry.metrics["accuracy"]) == "0.8000 ± 0.0800"
+    assert rp.build("p", runs[3:]) is None

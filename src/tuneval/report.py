@@ -124,7 +124,11 @@ def entries(pipeline: str, runs: list[dict[str, Any]]) -> list[Entry]:
             metrics = _group_metrics(r["metrics"])
             n = int(r["metrics"].get("n_seeds", 0))
             seeds = tuple(int(s) for s in tags.get("tuneval.seeds", "").split(",") if s)
-            cache_tags = [c["tags"].get("tuneval.cache", "") for c in children.get(r["run_id"], [])]
+            kids = children.get(r["run_id"], [])
+            cache_tags = [c["tags"].get("tuneval.cache", "") for c in kids]
+            done = [c for c in kids if c["status"] == "FINISHED"]
+            if n == 1 and len(done) == 1:  # one seed survived: its bootstrap CI, as for a one-seed run
+                metrics = _single_metrics(done[0]["metrics"]) or metrics
         else:
             if r["status"] != "FINISHED":
                 continue
