@@ -374,10 +374,11 @@ _CSS = (
 
 def _html_table(head: list[str], rows: list[list[str]], regressed_col: int | None = None) -> str:
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    bad = ' class="regressed"'
     for r in rows:
-        bad = (regressed_col is not None and r[regressed_col] == "REGRESSION") or any("(regressed)" in c for c in r)
-        cls = ' class="regressed"' if bad else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
+        row = bad if regressed_col is not None and r[regressed_col] == "REGRESSION" else ""
+        cells = "".join(f"<td{bad if '(regressed)' in c else ''}>{html.escape(c)}</td>" for c in r)
+        out.append(f"<tr{row}>{cells}</tr>")
     return "\n".join([*out, "</table>"])
 
 
