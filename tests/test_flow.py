@@ -97,6 +97,21 @@ def test_run_twice_second_all_cached_and_mlflow_record(project: Path, capfd) -> 
     assert cached.data.tags["tuneval.stage.finetune"] == "cached"
     assert len(client.get_metric_history(cached.info.run_id, "train_loss")) == len(loss_curve)
 
+    # One seed: a bootstrap CI over the test examples; each `tuneval run` is one invocation, compared
+    # with the previous one (same scores: no regression) and reported through `tuneval report`.
+    m = r.data.metrics
+    assert m["test_accuracy_ci_low"] <= m["test_accuracy"] <= m["test_accuracy_ci_high"] and "test_f1_ci_low" in m
+    assert cached.data.tags["tuneval.invocation"] != r.data.tags["tuneval.invocation"]
+    assert (
+        cached.data.tags["tuneval.regression"] == "false" and cached.data.tags["tuneval.compared_with"] == r.info.run_id
+    )
+    report_dir = project / "reports"
+    assert (
+        main(["report", "--config", str(project / "pipelines.yaml"), "--out", str(report_dir), "--fail-on-regression"])
+        == 0
+    )
+    assert "No regression since the previous run." in (report_dir / "smoke" / "report.md").read_text()
+
     # --always-flow: a fully cached invocation still goes through Prefect when asked.
     code, fourth = run_cli(project, "--always-flow")
     assert code == 0 and set(stage_statuses(fourth).values()) == {"cached"}

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from tuneval import __version__
 from tuneval.errors import TunevalError
 
+REGRESSION_EXIT = 3  # distinct from 1 (a bug in tuneval) and 2 (a problem with the input)
 STAGES = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 
 # Quiet, offline-friendly defaults; any of them can be overridden from the environment.
@@ -101,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
         help="run through Prefect even when every stage is cached (by default such a run is only recorded)",
     )
     r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", parents=[common], help="leaderboard from MLflow, regressions since the last run")
+    rep.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="(default: every pipeline with tracked runs)")
+    rep.add_argument("--out", metavar="DIR", help="write DIR/<pipeline>/report.{md,html,png} (default: ./reports)")
+    rep.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help=f"exit {REGRESSION_EXIT} when a metric dropped beyond its CI since the previous run",
+    )
+    rep.set_defaults(func=cmd_report)
 
     u = sub.add_parser("ui", parents=[common], help="MLflow UI on the project's store (127.0.0.1)")
     u.add_argument("--port", type=int, default=5000)
@@ -202,6 +213,35 @@ def _run_with_prefect(runs: list[Any], settings: Any, force: str | None, server:
 
     # Without a ready early server: the user's PREFECT_API_URL, or Prefect's own temporary server.
     return run_flow_on(server.api_url if server is not None and server.wait_ready() else None, runs, settings, force)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config
+    from tuneval.config.runs import select_pipelines
+    from tuneval.leaderboard import publish, tracked_pipelines
+    from tuneval.settings import Settings
+
+    loaded = load_config(args.config)
+    settings = Settings.from_env(loaded.root)
+    names = select_pipelines(loaded, args.pipelines)
+    if not args.pipelines:
+        names = tracked_pipelines(settings, names)
+    out = Path(args.out) if args.out else Path("reports")
+    done = publish(settings, names, out)
+    regressions = []
+    for report, paths in done:
+        from tuneval.report import markdown
+
+        print(markdown(report, chart=None))
+        print(f"wrote {', '.join(str(p) for p in paths)}\n")
+        regressions += [(report.pipeline, c) for c in report.regressions]
+    for pipeline, c in regressions:
+        print(
+            f"regression: {pipeline}: {c.model}/{c.benchmark}/{c.metric}: worse by {c.worse_by:.4g} "
+            f"(threshold {c.threshold:.4g})",
+            file=sys.stderr,
+        )
+    return REGRESSION_EXIT if regressions and args.fail_on_regression else 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

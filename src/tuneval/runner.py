@@ -95,6 +95,9 @@ def run_groups(
         if parent is not None:
             parent.close(group_results)
         results += group_results
+    from tuneval.leaderboard import flag_after_run
+
+    flag_after_run(settings, list(dict.fromkeys(r.pipeline for r in runs)))  # tags + warns on regressions
     return results
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tuneval import data, metrics, models, problems
+from tuneval import data, example_ci, metrics, models, problems
 from tuneval.artifacts import ArtifactRef, StageOutcome, Store, stage_key
 from tuneval.config.runs import RunSpec
 from tuneval.settings import Settings
@@ -34,7 +34,7 @@ SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "k
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
-CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 3, "predict": 2, "score": 2}
+CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 3, "predict": 2, "score": 3}
 
 
 def _store(settings: Settings) -> Store:
@@ -258,10 +258,14 @@ def score(
     def build(out: Path) -> dict[str, Any]:
         problem = problems.get(run.benchmark.problem)
         table = pq.read_table(predicted.dir / "predictions.parquet").to_pydict()
-        results, report = problem.score(table, names, prepared.meta()["info"])
+        info = prepared.meta()["info"]
+        results, report = problem.score(table, names, info)
+        # One seed has no spread over seeds: its CI is a bootstrap over the test examples.
+        cis = example_ci.bootstrap_cis(run.benchmark.problem, [n for n in names if n in results], table, info)
         (out / "metrics.json").write_text(json.dumps(results, indent=1))
         (out / "report.json").write_text(json.dumps(report, indent=1))
-        return {"metrics": results, "settings": spec["settings"]}
+        (out / "ci.json").write_text(json.dumps(cis, indent=1))
+        return {"metrics": results, "settings": spec["settings"], "ci": cis}
 
     return _store(settings).get_or_build("score", key, parts, build, force)
 
