@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 ORDER = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 # Train settings that do not change what is learned (resume is exact), and the data caps that
 # the prepare stage's key already holds: both stay out of the finetune key.
-SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
+SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "compile"}
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
@@ -144,17 +144,7 @@ def finetune(
     run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False, progress: bool = True
 ) -> StageOutcome:
     # Speed-only knobs stay out of the key: they do not change what is learned.
-    recipe = run.train.model_dump(
-        mode="json",
-        exclude={
-            "eval_batch_size",
-            "log_every_steps",
-            "max_train_samples",
-            "max_eval_samples",
-            "max_test_samples",
-            "data_seed",
-        },
-    )
+    recipe = run.train.model_dump(mode="json", exclude=SPEED_ONLY | CAPS)
     spec = {
         "train": recipe,
         "seed": run.seed,
