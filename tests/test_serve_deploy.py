@@ -1,0 +1,142 @@
+"""Schedules: `tuneval serve`/`deploy` plan one deployment per scheduled pipeline, and a deployment
+runs through a real Prefect server, process work pool and worker into MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULE = '    schedule: {cron: "30 4 * * 1-5", timezone: Europe/Berlin}\n'
+
+
+def tuneval(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tuneval.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def scheduled(project: Path) -> Path:
+    """The conftest project with a schedule on its `smoke` pipeline and an unscheduled second pipeline."""
+    cfg = project / "pipelines.yaml"
+    text = cfg.read_text().replace("  smoke:\n", "  smoke:\n" + SCHEDULE)
+    cfg.write_text(text + "  adhoc:\n    models: [tiny]\n    benchmarks: [toy]\n")
+    return cfg
+
+
+def test_dry_run_lists_one_deployment_per_scheduled_pipeline(project: Path) -> None:
+    cfg = scheduled(project)
+    proc = tuneval("serve", "--config", str(cfg), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    [d] = json.loads(proc.stdout)  # `adhoc` has no schedule: not served
+    assert (d["deployment"], d["cron"], d["timezone"]) == ("tuneval-pipeline/smoke", "30 4 * * 1-5", "Europe/Berlin")
+    assert d["parameters"] == {"config": str(cfg), "pipeline": "smoke"}
+
+    # deploy: the worker finds the config relative to the source it pulls (the config's folder by default)
+    proc = tuneval("deploy", "--pool", "gpu", "--name-prefix", "nightly-", "--config", str(cfg), "--dry-run")
+    [d] = json.loads(proc.stdout)
+    assert d["deployment"] == "tuneval-pipeline/nightly-smoke" and d["work_pool"] == "gpu"
+    assert d["parameters"]["config"] == "pipelines.yaml" and d["source"] == str(project)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "adhoc"], "pipelines.adhoc: no schedule"),
+        (["serve", "nosuch"], "no pipeline named 'nosuch'"),
+        (["deploy", "--pool", "gpu", "--name-prefix", "a/b"], "--name-prefix"),
+        (["deploy", "--pool", "gpu", "--source", "/nonexistent/dir"], "not a folder"),
+    ],
+)
+def test_serve_and_deploy_user_errors(project: Path, args: list[str], message: str) -> None:
+    proc = tuneval(*args, "--config", str(scheduled(project)), "--dry-run")
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_no_scheduled_pipeline_is_a_user_error(project: Path) -> None:
+    proc = tuneval("serve", "--config", str(project / "pipelines.yaml"))
+    assert proc.returncode == 2 and "none has a schedule" in proc.stderr, proc.stderr
+
+
+def test_deploy_needs_a_reachable_server(project: Path) -> None:
+    from flows.local_server import free_port
+
+    cfg = scheduled(project)
+    proc = tuneval("deploy", "--pool", "gpu", "--config", str(cfg))
+    assert proc.returncode == 2 and "PREFECT_API_URL is not set" in proc.stderr, proc.stderr
+    proc = tuneval(
+        "deploy", "--pool", "gpu", "--config", str(cfg), env={"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
+    )
+    assert proc.returncode == 2 and "cannot be reached" in proc.stderr, proc.stderr
+
+
+@pytest.mark.integration
+def test_deployment_runs_on_a_worker_against_a_server(project: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.local_server import free_port, start_server, stop_group
+
+    cfg = scheduled(project)
+    env = {
+        "PREFECT_HOME": str(tmp_path / "prefect-server"),
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # default 10: the worker would idle most of the test
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    server = start_server(free_port(), env)
+    env["PREFECT_API_URL"] = server.api_url
+    full_env = {**os.environ, **env}
+    worker = None
+    try:
+        pool = subprocess.run(
+            [sys.executable, "-m", "prefect", "work-pool", "create", "tiny-pool", "--type", "process"],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert pool.returncode == 0, pool.stdout + pool.stderr
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "tiny-pool"],
+            env=full_env,
+            stdout=(tmp_path / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deployed = tuneval("deploy", "--pool", "tiny-pool", "--config", str(cfg), env=env)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert "tuneval-pipeline/smoke" in deployed.stdout
+
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            flow_run = run_deployment("tuneval-pipeline/smoke", timeout=240)
+            with get_client(sync_client=True) as client:
+                deployment = client.read_deployment_by_name("tuneval-pipeline/smoke")
+        log = (tmp_path / "worker.log").read_text(errors="replace")
+        assert flow_run.state is not None and flow_run.state.is_completed(), (flow_run.state, log[-3000:])
+        assert flow_run.parameters == {"config": "pipelines.yaml", "pipeline": "smoke"}
+        [sched] = deployment.schedules
+        assert (sched.schedule.cron, sched.schedule.timezone) == ("30 4 * * 1-5", "Europe/Berlin")
+        assert sched.active and deployment.work_pool_name == "tiny-pool"
+
+        # The worker ran in the project (the deployment's source), so the default store is the project's.
+        mlflow = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+        exp = mlflow.get_experiment_by_name("smoke")
+        [run] = mlflow.search_runs([exp.experiment_id])
+        assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    finally:
+        if worker is not None:
+            stop_group(worker)
+        server.stop()
+    assert worker.poll() is not None and server.proc.poll() is not None
