@@ -80,7 +80,7 @@ def plan(loaded: LoadedConfig, names: list[str], prefix: str, config_param: str)
     if unscheduled:
         raise ConfigError(
             [
-                f"{loaded.path}: pipelines.{n}: no schedule; add `schedule: {{cron: \"0 3 * * 1\", timezone: UTC}}`"
+                f'{loaded.path}: pipelines.{n}: no schedule; add `schedule: {{cron: "0 3 * * 1", timezone: UTC}}`'
                 for n in unscheduled
             ]
         )
@@ -138,7 +138,9 @@ def serve(planned: list[Planned], port: int) -> None:
         prefect_serve(*deployments)
         return
     server = start_server(port)
-    print(f"Prefect server (scheduler and UI) on {server.api_url.removesuffix('/api')}; log in {server.log}", flush=True)
+    print(
+        f"Prefect server (scheduler and UI) on {server.api_url.removesuffix('/api')}; log in {server.log}", flush=True
+    )
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             prefect_serve(*deployments)
@@ -180,7 +182,8 @@ def check_pool(pool: str) -> None:
             client.read_work_pool(pool)
         except ObjectNotFound:
             raise TunevalError(
-                f"--pool {pool}: no such work pool on {api}; create it with `prefect work-pool create {pool} --type process`"
+                f"--pool {pool}: no such work pool on {api}; "
+                f"create it with `prefect work-pool create {pool} --type process`"
             ) from None
 
 

@@ -33,17 +33,28 @@ def scheduled(project: Path) -> Path:
     return cfg
 
 
-def test_dry_run_lists_one_deployment_per_scheduled_pipeline(project: Path) -> None:
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The command in this process (a subprocess per case would cost seconds of imports each)."""
+    from tuneval.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_dry_run_lists_one_deployment_per_scheduled_pipeline(project: Path, capsys) -> None:
     cfg = scheduled(project)
-    proc = tuneval("serve", "--config", str(cfg), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    [d] = json.loads(proc.stdout)  # `adhoc` has no schedule: not served
+    code, out, err = cli(capsys, "serve", "--config", str(cfg), "--dry-run")
+    assert code == 0, err
+    [d] = json.loads(out)  # `adhoc` has no schedule: not served
     assert (d["deployment"], d["cron"], d["timezone"]) == ("tuneval-pipeline/smoke", "30 4 * * 1-5", "Europe/Berlin")
     assert d["parameters"] == {"config": str(cfg), "pipeline": "smoke"}
 
     # deploy: the worker finds the config relative to the source it pulls (the config's folder by default)
-    proc = tuneval("deploy", "--pool", "gpu", "--name-prefix", "nightly-", "--config", str(cfg), "--dry-run")
-    [d] = json.loads(proc.stdout)
+    code, out, err = cli(
+        capsys, "deploy", "--pool", "gpu", "--name-prefix", "nightly-", "--config", str(cfg), "--dry-run"
+    )
+    [d] = json.loads(out)
     assert d["deployment"] == "tuneval-pipeline/nightly-smoke" and d["work_pool"] == "gpu"
     assert d["parameters"]["config"] == "pipelines.yaml" and d["source"] == str(project)
 
@@ -57,26 +68,27 @@ def test_dry_run_lists_one_deployment_per_scheduled_pipeline(project: Path) -> N
         (["deploy", "--pool", "gpu", "--source", "/nonexistent/dir"], "not a folder"),
     ],
 )
-def test_serve_and_deploy_user_errors(project: Path, args: list[str], message: str) -> None:
-    proc = tuneval(*args, "--config", str(scheduled(project)), "--dry-run")
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+def test_serve_and_deploy_user_errors(project: Path, capsys, args: list[str], message: str) -> None:
+    code, _, err = cli(capsys, *args, "--config", str(scheduled(project)), "--dry-run")
+    assert code == 2 and message in err and "Traceback" not in err, err
 
 
 def test_no_scheduled_pipeline_is_a_user_error(project: Path) -> None:
-    proc = tuneval("serve", "--config", str(project / "pipelines.yaml"))
-    assert proc.returncode == 2 and "none has a schedule" in proc.stderr, proc.stderr
+    proc = tuneval("serve", "--config", str(project / "pipelines.yaml"))  # as a user meets it: no traceback
+    assert proc.returncode == 2 and "none has a schedule" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_deploy_needs_a_reachable_server(project: Path) -> None:
+def test_deploy_needs_a_reachable_server(project: Path, capsys) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.local_server import free_port
 
     cfg = scheduled(project)
-    proc = tuneval("deploy", "--pool", "gpu", "--config", str(cfg))
-    assert proc.returncode == 2 and "PREFECT_API_URL is not set" in proc.stderr, proc.stderr
-    proc = tuneval(
-        "deploy", "--pool", "gpu", "--config", str(cfg), env={"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
-    )
-    assert proc.returncode == 2 and "cannot be reached" in proc.stderr, proc.stderr
+    code, _, err = cli(capsys, "deploy", "--pool", "gpu", "--config", str(cfg))
+    assert code == 2 and "PREFECT_API_URL is not set" in err, err
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        code, _, err = cli(capsys, "deploy", "--pool", "gpu", "--config", str(cfg))
+    assert code == 2 and "cannot be reached" in err, err
 
 
 @pytest.mark.integration
@@ -120,7 +132,7 @@ def test_deployment_runs_on_a_worker_against_a_server(project: Path, tmp_path: P
         assert "tuneval-pipeline/smoke" in deployed.stdout
 
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            flow_run = run_deployment("tuneval-pipeline/smoke", timeout=240)
+            flow_run = run_deployment("tuneval-pipeline/smoke", timeout=240, poll_interval=1)
             with get_client(sync_client=True) as client:
                 deployment = client.read_deployment_by_name("tuneval-pipeline/smoke")
         log = (tmp_path / "worker.log").read_text(errors="replace")

@@ -113,7 +113,10 @@ def _parser() -> argparse.ArgumentParser:
         d.set_defaults(func=cmd_serve if name == "serve" else cmd_deploy)
         if name == "serve":
             d.add_argument(
-                "--port", type=int, default=4200, help="port of the Prefect server started when PREFECT_API_URL is unset"
+                "--port",
+                type=int,
+                default=4200,
+                help="port of the Prefect server started when PREFECT_API_URL is unset",
             )
         else:
             d.add_argument("--pool", required=True, metavar="NAME", help="Prefect work pool (e.g. of type process)")
