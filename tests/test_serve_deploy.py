@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,10 +93,26 @@ def test_deploy_needs_a_reachable_server(project: Path, capsys) -> None:
     assert code == 2 and "cannot be reached" in err, err
 
 
-@pytest.mark.integration
-def test_deployment_runs_on_a_worker_against_a_server(project: Path, tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
+def _deployment(name: str, api_url: str, wait: float = 0) -> Any:
+    """Read a deployment back from the server, waiting up to ``wait`` seconds for it to appear."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + wait
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        while True:
+            try:
+                return client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+
+@pytest.mark.integration
+def test_deployment_runs_on_a_worker_against_a_server(project: Path, tmp_path: Path, capsys) -> None:
+    from mlflow.tracking import MlflowClient
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -110,8 +128,28 @@ def test_deployment_runs_on_a_worker_against_a_server(project: Path, tmp_path: P
     server = start_server(free_port(), env)
     env["PREFECT_API_URL"] = server.api_url
     full_env = {**os.environ, **env}
-    worker = None
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(*cmd: str, log: str) -> subprocess.Popen[bytes]:
+        out = (tmp_path / log).open("wb")
+        started.append(
+            subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+        return started[-1]
+
     try:
+        # `tuneval serve` registers its own deployment meanwhile (served from its process, no pool).
+        serving = spawn(
+            sys.executable,
+            "-m",
+            "tuneval.cli",
+            "serve",
+            "--name-prefix",
+            "served-",
+            "--config",
+            str(cfg),
+            log="serve.log",
+        )
         pool = subprocess.run(
             [sys.executable, "-m", "prefect", "work-pool", "create", "tiny-pool", "--type", "process"],
             env=full_env,
@@ -120,24 +158,20 @@ def test_deployment_runs_on_a_worker_against_a_server(project: Path, tmp_path: P
             timeout=120,
         )
         assert pool.returncode == 0, pool.stdout + pool.stderr
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "tiny-pool"],
-            env=full_env,
-            stdout=(tmp_path / "worker.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        spawn(sys.executable, "-m", "prefect", "worker", "start", "--pool", "tiny-pool", log="worker.log")
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            code, _, err = cli(capsys, "deploy", "--pool", "no-such-pool", "--config", str(cfg))
+        assert code == 2 and "prefect work-pool create no-such-pool" in err, err
         deployed = tuneval("deploy", "--pool", "tiny-pool", "--config", str(cfg), env=env)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert "tuneval-pipeline/smoke" in deployed.stdout
 
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             flow_run = run_deployment("tuneval-pipeline/smoke", timeout=240, poll_interval=1)
-            with get_client(sync_client=True) as client:
-                deployment = client.read_deployment_by_name("tuneval-pipeline/smoke")
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert flow_run.state is not None and flow_run.state.is_completed(), (flow_run.state, log[-3000:])
         assert flow_run.parameters == {"config": "pipelines.yaml", "pipeline": "smoke"}
+        deployment = _deployment("tuneval-pipeline/smoke", server.api_url)
         [sched] = deployment.schedules
         assert (sched.schedule.cron, sched.schedule.timezone) == ("30 4 * * 1-5", "Europe/Berlin")
         assert sched.active and deployment.work_pool_name == "tiny-pool"
@@ -147,8 +181,12 @@ def test_deployment_runs_on_a_worker_against_a_server(project: Path, tmp_path: P
         exp = mlflow.get_experiment_by_name("smoke")
         [run] = mlflow.search_runs([exp.experiment_id])
         assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+
+        served = _deployment("tuneval-pipeline/served-smoke", server.api_url, wait=60)
+        assert [(s.schedule.cron, s.schedule.timezone) for s in served.schedules] == [("30 4 * * 1-5", "Europe/Berlin")]
+        assert served.work_pool_name is None and serving.poll() is None  # still serving
     finally:
-        if worker is not None:
-            stop_group(worker)
+        for proc in started:
+            stop_group(proc)
         server.stop()
-    assert worker.poll() is not None and server.proc.poll() is not None
+    assert all(p.poll() is not None for p in [*started, server.proc])
