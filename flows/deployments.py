@@ -167,7 +167,7 @@ def check_pool(pool: str) -> None:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
-    from flows.local_server import healthy
+    from flows.local_server import reachable
 
     api = PREFECT_API_URL.value()
     if not api:
@@ -175,7 +175,7 @@ def check_pool(pool: str) -> None:
             "PREFECT_API_URL is not set: start a server (`prefect server start`) and export "
             "PREFECT_API_URL=http://HOST:4200/api on this machine and on the workers"
         )
-    if not healthy(api):
+    if not reachable(api):
         raise TunevalError(f"PREFECT_API_URL {api} cannot be reached; start `prefect server start` or fix the URL")
     with get_client(sync_client=True) as client:
         try:
@@ -187,9 +187,14 @@ def check_pool(pool: str) -> None:
             ) from None
 
 
+def is_remote(source: str) -> bool:
+    """A git URL (or another fsspec URL) rather than a folder: Prefect's own rule, minus file://."""
+    return ("://" in source and not source.startswith("file://")) or source.endswith(".git")
+
+
 def config_parameter(config: Path, source: str) -> str:
     """How the worker finds pipelines.yaml: relative to the source it pulls, else this absolute path."""
-    if "://" in source or source.endswith(".git"):
+    if is_remote(source):
         try:
             top = subprocess.run(
                 ["git", "rev-parse", "--show-toplevel"], cwd=config.parent, capture_output=True, text=True, check=True

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,17 @@ def healthy(api_url: str, timeout: float = 5) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+def reachable(api_url: str, timeout: float = 10) -> bool:
+    """Anything answers, even 401 (Prefect Cloud wants a key for /health): only no answer is unreachable."""
+    try:
+        urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 @dataclass

@@ -93,6 +93,28 @@ def test_deploy_needs_a_reachable_server(project: Path, capsys) -> None:
     assert code == 2 and "cannot be reached" in err, err
 
 
+def test_git_source_takes_the_config_path_inside_the_repository(project: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(project.parent))  # never a repository around the tmp dir
+    cfg = project / "evals" / "pipelines.yaml"  # one folder down in the repository
+    cfg.parent.mkdir()
+    cfg.write_text(scheduled(project).read_text().replace("./models/", "../models/").replace("data/", "../data/"))
+    args = ("deploy", "--pool", "gpu", "--source", "https://example.com/team/evals.git", "--config", str(cfg))
+    code, _, err = cli(capsys, *args, "--dry-run")
+    assert code == 2 and "not inside a git checkout" in err, err
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    code, out, err = cli(capsys, *args, "--dry-run")
+    assert code == 0, err
+    assert json.loads(out)[0]["parameters"]["config"] == "evals/pipelines.yaml"
+
+
+def test_deployed_flow_rejects_an_unknown_force_stage(project: Path) -> None:
+    from flows.deployments import pipeline_flow
+    from tuneval.errors import TunevalError
+
+    with pytest.raises(TunevalError, match="unknown stage 'fine-tune'"):
+        pipeline_flow.fn(str(scheduled(project)), "smoke", force="fine-tune")
+
+
 def _deployment(name: str, api_url: str, wait: float = 0) -> Any:
     """Read a deployment back from the server, waiting up to ``wait`` seconds for it to appear."""
     from prefect.client.orchestration import get_client

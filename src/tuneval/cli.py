@@ -225,11 +225,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from tuneval.config import load_config
 
     loaded = load_config(args.config)
-    from flows.deployments import config_parameter, deploy, plan
+    from flows.deployments import config_parameter, deploy, is_remote, plan
 
     source = args.source or str(loaded.root)
-    if "://" not in source and not source.endswith(".git"):
-        source = str(Path(source).expanduser().resolve())
+    if not is_remote(source):
+        source = str(Path(source.removeprefix("file://")).expanduser().resolve())
         if not Path(source).is_dir():
             raise TunevalError(f"--source {args.source}: not a folder; give the project folder or a git URL")
     planned = plan(loaded, args.pipelines, args.name_prefix, config_parameter(loaded.path, source))
