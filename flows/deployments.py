@@ -34,14 +34,13 @@ def pipeline_flow(config: str, pipeline: str, force: str | None = None) -> list[
     from tuneval.config import load_config, resolve_runs
     from tuneval.settings import Settings
     from tuneval.stages import ORDER
+    from tuneval.tracking import Tracker
 
     if force is not None and force not in ORDER:
         raise TunevalError(f"parameter force: unknown stage {force!r}; use one of {', '.join(ORDER)}")
     loaded = load_config(config)
     runs = resolve_runs(loaded, [pipeline])
     settings = Settings.from_env(loaded.root)
-    from tuneval.tracking import Tracker
-
     Tracker(settings.tracking_uri, settings.artifact_root).check()
     results = run_flow(runs, settings, force)
     failed = [r for r in results if r.get("status") != "completed"]
