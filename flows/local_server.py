@@ -75,15 +75,17 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
         pass
 
 
-def start_server(port: int, env: dict[str, str] | None = None, timeout: float = 120) -> LocalServer:
-    """Start ``prefect server start`` on 127.0.0.1:port and wait until its API answers."""
+def start_server(
+    port: int, env: dict[str, str] | None = None, timeout: float = 120, log: Path | None = None
+) -> LocalServer:
+    """Start ``prefect server start`` on 127.0.0.1:port and wait until its API answers (output to ``log``)."""
     if port_in_use(port):
         raise TunevalError(
             f"port {port} is in use: if a Prefect server runs there, export "
             f"PREFECT_API_URL=http://127.0.0.1:{port}/api to use it; otherwise pass --port"
         )
     api_url = f"http://127.0.0.1:{port}/api"
-    log = Path(tempfile.mkstemp(prefix="tuneval-prefect-server-", suffix=".log")[1])
+    log = log or Path(tempfile.mkstemp(prefix="tuneval-prefect-server-", suffix=".log")[1])
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

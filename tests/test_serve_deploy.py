@@ -147,7 +147,7 @@ def test_deployment_runs_on_a_worker_against_a_server(project: Path, tmp_path: P
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # default 10: the worker would idle most of the test
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    server = start_server(free_port(), env)
+    server = start_server(free_port(), env, log=tmp_path / "server.log")
     env["PREFECT_API_URL"] = server.api_url
     full_env = {**os.environ, **env}
     started: list[subprocess.Popen[bytes]] = []
