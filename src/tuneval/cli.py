@@ -118,6 +118,30 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     u.set_defaults(func=cmd_ui)
 
+    for name, helptext in (
+        ("serve", "serve scheduled pipelines here on their cron (Prefect serve)"),
+        ("deploy", "register scheduled pipelines on a Prefect work pool, for workers elsewhere"),
+    ):
+        d = sub.add_parser(name, parents=[common], help=helptext)
+        d.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="scheduled pipelines (all when none named)")
+        d.add_argument("--name-prefix", default="", metavar="TEXT", help="prefix for the deployment names")
+        d.add_argument("--dry-run", action="store_true", help="print the deployments as JSON and stop")
+        d.set_defaults(func=cmd_serve if name == "serve" else cmd_deploy)
+        if name == "serve":
+            d.add_argument(
+                "--port",
+                type=int,
+                default=4200,
+                help="port of the Prefect server started when PREFECT_API_URL is unset",
+            )
+        else:
+            d.add_argument("--pool", required=True, metavar="NAME", help="Prefect work pool (e.g. of type process)")
+            d.add_argument(
+                "--source",
+                metavar="DIR|GIT_URL",
+                help="where workers get the project: a folder they share (default: the config's folder) or a git URL",
+            )
+
     sub.add_parser("list", parents=[common], help="pipelines, models and benchmarks declared").set_defaults(
         func=cmd_list
     )
@@ -181,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cached = not args.always_flow and runner.all_cached(runs, settings, args.force)
     server = None
     if not cached and not os.environ.get("PREFECT_API_URL"):
-        from flows.server import early_server
+        from flows.ephemeral_server import early_server
 
         server = early_server()  # starts while MLflow and Prefect import below
     if settings.track:
@@ -242,6 +266,43 @@ def cmd_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return REGRESSION_EXIT if regressions and args.fail_on_regression else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config
+
+    loaded = load_config(args.config)
+    from flows.deployments import plan, serve
+
+    planned = plan(loaded, args.pipelines, args.name_prefix, str(loaded.path))
+    if args.dry_run:
+        print(json.dumps([p.to_json() for p in planned], indent=1))
+        return 0
+    for p in planned:
+        print(f"serving {p.deployment}: cron {p.cron!r} ({p.timezone}); Ctrl-C stops", flush=True)
+    serve(planned, args.port)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config
+
+    loaded = load_config(args.config)
+    from flows.deployments import config_parameter, deploy, is_remote, plan
+
+    source = args.source or str(loaded.root)
+    if not is_remote(source):
+        source = str(Path(source.removeprefix("file://")).expanduser().resolve())
+        if not Path(source).is_dir():
+            raise TunevalError(f"--source {args.source}: not a folder; give the project folder or a git URL")
+    planned = plan(loaded, args.pipelines, args.name_prefix, config_parameter(loaded.path, source))
+    if args.dry_run:
+        print(json.dumps([{**p.to_json(), "work_pool": args.pool, "source": source} for p in planned], indent=1))
+        return 0
+    deploy(planned, args.pool, source)
+    for p in planned:
+        print(f"deployed {p.deployment} on pool {args.pool}: cron {p.cron!r} ({p.timezone}), source {source}")
+    return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
