@@ -92,7 +92,10 @@ def main() -> None:
     n = len(ds)
     print(f"\npipeline={args.pipeline} rows={n} max_new_tokens={args.max_new_tokens} device={device}")
     print(f"{'variant':<28}{'seconds':>9}{'samples/s':>11}{'vs naive':>10}")
-    for name, label in (("naive", f"naive (order, batch {args.naive_batch})"), ("tuneval", f"tuneval (sorted, {args.batch})")):
+    for name, label in (
+        ("naive", f"naive (order, batch {args.naive_batch})"),
+        ("tuneval", f"tuneval (sorted, {args.batch})"),
+    ):
         print(f"{label:<28}{best[name]:>9.2f}{n / best[name]:>11.1f}{best['naive'] / best[name]:>9.2f}x")
     print(f"identical outputs: {agree}/{n}")
 

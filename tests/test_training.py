@@ -151,7 +151,8 @@ def test_same_seed_same_result_other_seed_differs(model_dir: Path) -> None:
 @pytest.mark.integration
 def test_compiled_training_follows_the_eager_loss_curve(model_dir: Path) -> None:
     # torch.compile(dynamic=True) fuses kernels, which reorders float sums: equal within fp32 noise,
-    # over several distinct padded lengths (length-bucketed batches), not bit for bit.
+    # over several distinct padded lengths (length-bucketed batches), not bit for bit. Dropout is off:
+    # compiled dropout draws its masks with rand_like, not eager's bernoulli (README, Speed).
     ds, tok = _toy_dataset(model_dir)
     common = dict(epochs=1, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_every_steps=1)
     eager, compiled = _model(model_dir), _model(model_dir)

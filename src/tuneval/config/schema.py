@@ -56,7 +56,8 @@ class TrainSettings(Strict):
     compile: bool = Field(
         False,
         description="torch.compile(dynamic=True) the training forward/backward; compiling takes tens of "
-        "seconds, so it pays off on long GPU runs only",
+        "seconds, so it pays off on long GPU runs only; compiled dropout draws other masks than eager "
+        "(same distribution), so with dropout a compiled run is another sample, not the eager run",
     )
     checkpoint: Literal["last", "best"] = "last"
     checkpoint_every_steps: PositiveInt | None = Field(
