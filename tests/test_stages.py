@@ -63,7 +63,7 @@ def test_stages_cache_and_rerun_only_what_changed(project: Path) -> None:
     }
 
     # Speed-only knobs stay out of every key: the whole run is still cached (planned without building).
-    speed = dict(compile=True, eval_batch_size=7, checkpoint_every_steps=3, log_every_steps=1, keep_checkpoints=1)
+    speed = dict(eval_batch_size=7, checkpoint_every_steps=3, log_every_steps=1, keep_checkpoints=1)
     [speed_run] = runs_of(project, lambda r: r["pipelines"]["smoke"]["train"].update(speed))
     assert all_cached([speed_run], settings)
     [other_seed] = runs_of(project, lambda r: r["pipelines"]["smoke"].update(seeds=[2]))

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 ORDER = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 # Train settings that do not change what is learned (resume is exact), and the data caps that
 # the prepare stage's key already holds: both stay out of the finetune key.
-SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "compile"}
+# ``compile`` is not among them: compiled dropout draws other masks, so it is another sample.
+SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
