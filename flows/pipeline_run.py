@@ -8,6 +8,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from tasks import finetune_task, intrinsic_task, load_task, predict_task, prepare_task, score_task
+from tuneval.artifacts import StageOutcome
 from tuneval.config.runs import RunSpec
 from tuneval.record import RunRecord
 from tuneval.settings import Settings
@@ -21,9 +22,14 @@ from tuneval.stages import ORDER, has_intrinsic
     validate_parameters=False,
 )
 def pipeline_run_flow(
-    run: RunSpec, settings: Settings, force_from: str | None = None, parent_run_id: str | None = None
+    run: RunSpec,
+    settings: Settings,
+    force_from: str | None = None,
+    parent_run_id: str | None = None,
+    fused: StageOutcome | None = None,
 ) -> dict[str, Any]:
-    """Run the stages in order; on failure mark the MLflow run FAILED and re-raise."""
+    """Run the stages in order; on failure mark the MLflow run FAILED and re-raise. ``fused``: this
+    seed's finetune outcome when its seed group was trained in one fused pass (status "fused")."""
     forced = set(ORDER[ORDER.index(force_from) :]) if force_from else set()
     record = RunRecord.open(run, settings, flow_run_id=flow_run.get_id(), parent_run_id=parent_run_id)
     stage = "load"
@@ -37,7 +43,7 @@ def pipeline_run_flow(
             stage = "intrinsic"
             record.stage_done(stage, intrinsic_task(run, settings, prepared.ref, "intrinsic" in forced))
         stage = "finetune"
-        tuned = finetune_task(run, settings, prepared.ref, "finetune" in forced)
+        tuned = fused or finetune_task(run, settings, prepared.ref, "finetune" in forced)
         record.stage_done(stage, tuned)
         stage = "predict"
         predicted = predict_task(run, settings, tuned.ref, prepared.ref, "predict" in forced)

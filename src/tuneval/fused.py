@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -291,7 +292,11 @@ def finetune_seeds(
     fusion did not apply (None when it did). Seeds left out (cached already, resumable from a
     checkpoint, or fusion not applicable) are trained by the solo stage as before.
     """
-    from tuneval import checkpoints, data, models as model_io, problems, stages, training
+    from tuneval import checkpoints, data, problems, stages, training
+    from tuneval import models as model_io
+    from tuneval.artifacts import StageOutcome
+
+    start = time.perf_counter()
 
     def fallback(reason: str) -> tuple[dict[int, Any], str]:
         log.warning("finetune: seeds %s trained one at a time: %s", [r.seed for r in runs], reason)
@@ -311,7 +316,7 @@ def finetune_seeds(
         work = store.work_dir("finetune", key)
         if force:
             checkpoints.clear(work)
-        elif store.lookup("finetune", key) is not None or checkpoints._files(work):
+        elif store.lookup("finetune", key) is not None or (work.is_dir() and any(work.iterdir())):
             continue  # cached, or a solo run's checkpoints to resume from
         todo.append((r, key, parts))
     if len(todo) < 2:
@@ -366,8 +371,12 @@ def finetune_seeds(
             meta = stages.save_finetuned(problem, m, tokenizer, out, info, res, device)
             return {**meta, "dropout_masks": "hash", "fused_seeds": seeds}
 
-        outcomes[r.seed] = store.get_or_build("finetune", key, parts, build, force)
+        o = store.get_or_build("finetune", key, parts, build, force)
         checkpoints.clear(store.work_dir("finetune", key))
+        # "fused": built here by the group's one pass (its seconds are the whole pass's).
+        outcomes[r.seed] = StageOutcome(o.ref, "fused" if o.status == "ran" else o.status, 0.0, o.key_parts)
+    seconds = time.perf_counter() - start
+    outcomes = {seed: replace(o, seconds=seconds) for seed, o in outcomes.items()}
     log.info("finetune: seeds %s trained fused in %.1f s", seeds, results[0].train_seconds)
     return outcomes, None
 
