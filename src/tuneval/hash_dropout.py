@@ -6,7 +6,8 @@ a per-module buffer ``[seed, calls]``: a solo run and its slice of a fused run d
 masks, and the buffer rides along in checkpoints, so resume stays exact. Attention-probability
 dropout (done inside the attention function, not by a module) goes through ``hash_attention``,
 registered with transformers as the attention implementation ``tuneval_hash``: eager attention
-with the hashed mask while training with dropout, SDPA otherwise (evaluation is unchanged).
+with the hashed mask while training with dropout (and under vmap), SDPA otherwise (evaluation
+is unchanged).
 
 Integer arithmetic is int64 with every value kept below 2**31 before a multiply, so nothing
 overflows and CPU and CUDA agree.
@@ -76,9 +77,10 @@ def hash_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Eager attention with the module's HashDropout on the probabilities while training; else SDPA."""
-    drop = _attention_dropout(module)
-    if not (module.training and dropout > 0.0 and drop is not None):
+    """Eager attention with the module's HashDropout on the probabilities while training, and under
+    vmap (a fused pass: batched matmuls, no reliance on SDPA batching rules); SDPA otherwise."""
+    drop = _attention_dropout(module) if module.training and dropout > 0.0 else None
+    if drop is None and not torch._C._functorch.is_batchedtensor(query):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
@@ -91,7 +93,9 @@ def hash_attention(
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probs = drop(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if drop is not None:
+        probs = drop(probs)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
