@@ -212,3 +212,40 @@ def test_flow_fuses_a_seed_group_and_reruns_cached(project: Path, capfd) -> None
     assert code == 0
     assert {s["status"] for r in second["runs"] for s in r["stages"].values()} == {"cached"}
     assert [r["metrics"] for r in second["runs"]] == [r["metrics"] for r in first["runs"]]
+
+
+def test_hashed_dropout_solo_run_resumes_exactly(model_dir: Path, tmp_path: Path) -> None:
+    """The mask counters are buffers: checkpoints carry them, so a resumed solo run draws the
+    masks the uninterrupted one drew (a fused pass that is interrupted reruns, or its seeds train
+    solo and resume like this)."""
+    from test_resume import Crash, _crashing
+    from test_training import _model, _toy_dataset
+
+    ds, tok = _toy_dataset(model_dir)
+    s = TrainSettings(
+        epochs=2, batch_size=4, learning_rate=1e-3, warmup_steps=2, log_every_steps=1, checkpoint_every_steps=3
+    )
+    cpu = torch.device("cpu")
+
+    def fresh():
+        torch.manual_seed(7)
+        model = _model(model_dir)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.2
+        assert hash_dropout.install(model, 11) > 0
+        return model
+
+    whole = fresh()
+    ref = training.train(whole, ds, s, 11, classification.loss_fn, None, tok.pad_token_id, "right", cpu, None, False)
+    assert whole.dropout.hash_state[1] > 0  # masks were drawn
+    work = tmp_path / "work"
+    with pytest.raises(Crash):
+        training.train(fresh(), ds, s, 11, _crashing(5), None, tok.pad_token_id, "right", cpu, work, False)
+    resumed_model = fresh()
+    resumed = training.train(
+        resumed_model, ds, s, 11, classification.loss_fn, None, tok.pad_token_id, "right", cpu, work, False
+    )
+    assert resumed.history == ref.history
+    for (name, p), q in zip(whole.named_parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q), name

@@ -331,6 +331,8 @@ def finetune_seeds(
         training.seed_everything(r.seed)  # the head's initialisation: as the solo stage draws it
         built.append(problem.build_model(r, tokenizer, info))
     reason = why_not(built, [r.train for r, _, _ in todo], precision)
+    if reason is None and tokenizer.padding_side != "right":
+        reason = "left padding moves real tokens when batches pad further (hashed masks would differ)"
     if reason is not None:
         return fallback(reason)
     seeds = [r.seed for r, _, _ in todo]

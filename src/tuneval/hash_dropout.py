@@ -60,7 +60,7 @@ class HashDropout(nn.Module):
             return x
         keep = keep_mask(x.shape, self.hash_state.to(x.device), self.site, self.p)
         # In place: under vmap this advances each seed's counter inside the stacked buffer.
-        self.hash_state.add_(torch.tensor([0, 1], device=self.hash_state.device))
+        self.hash_state[1:].add_(1)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
