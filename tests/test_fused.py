@@ -195,7 +195,7 @@ def test_fusion_off_keeps_the_solo_key(project: Path) -> None:
 
 
 @pytest.mark.integration
-def test_flow_fuses_a_seed_group_and_reruns_cached(project: Path, capfd) -> None:
+def test_flow_fuses_a_seed_group(project: Path, capfd) -> None:
     cfg = project / "pipelines.yaml"
     cfg.write_text(cfg.read_text().replace("seeds: [1]", "seeds: [1, 2]").replace("epochs: 2", "epochs: 1"))
     cfg.write_text(cfg.read_text().replace("log_every_steps: 2}", "log_every_steps: 2, fuse_seeds: true}"))
@@ -208,10 +208,6 @@ def test_flow_fuses_a_seed_group_and_reruns_cached(project: Path, capfd) -> None
         tags = client.get_run(r["mlflow_run_id"]).data.tags
         assert tags["tuneval.fused_seeds"] == "1,2" and tags["tuneval.stage.finetune"] == "fused"
         assert "mlflow.parentRunId" in tags
-    code, second = run_cli(project)
-    assert code == 0
-    assert {s["status"] for r in second["runs"] for s in r["stages"].values()} == {"cached"}
-    assert [r["metrics"] for r in second["runs"]] == [r["metrics"] for r in first["runs"]]
 
 
 def test_hashed_dropout_solo_run_resumes_exactly(model_dir: Path, tmp_path: Path) -> None:
