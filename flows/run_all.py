@@ -65,6 +65,6 @@ def fuse_seeds(
     except Exception as e:  # noqa: BLE001 - each run reports its own failure
         log.warning("finetune: fusing seeds failed (%s); each seed runs alone", str(e).splitlines()[0][:200])
         return {}, force_from
-    if force_from in ("load", "prepare", "finetune"):
-        force_from = "predict" if fused else "finetune"  # load/prepare (and finetune) rebuilt above
+    if "finetune" in forced:  # load/prepare (and the fused seeds' finetune) were rebuilt above
+        force_from = "predict" if fused else "finetune"
     return fused, force_from

@@ -208,6 +208,14 @@ def test_flow_fuses_a_seed_group(project: Path, capfd) -> None:
         tags = client.get_run(r["mlflow_run_id"]).data.tags
         assert tags["tuneval.fused_seeds"] == "1,2" and tags["tuneval.stage.finetune"] == "fused"
         assert "mlflow.parentRunId" in tags
+    # --force finetune: one fused pass again (not a solo retrain after it), then predict and score.
+    code, forced = run_cli(project, "--force", "finetune")
+    assert code == 0
+    assert [{k: v["status"] for k, v in r["stages"].items()} for r in forced["runs"]] == [
+        {"load": "cached", "prepare": "cached", "finetune": "fused", "predict": "ran", "score": "ran"}
+    ] * 2
+    keys = [[r["stages"]["finetune"]["key"] for r in res["runs"]] for res in (first, forced)]
+    assert keys[0] == keys[1]
 
 
 def test_hashed_dropout_solo_run_resumes_exactly(model_dir: Path, tmp_path: Path) -> None:
