@@ -31,6 +31,10 @@ def mlflow_client(project: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
 
 
+def artifacts_of(client, run_id: str) -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id)}
+
+
 def test_run_twice_second_all_cached_and_mlflow_record(project: Path, capfd) -> None:
     code, first = run_cli(project)
     assert code == 0, capfd.readouterr().err
@@ -62,7 +66,12 @@ def test_run_twice_second_all_cached_and_mlflow_record(project: Path, capfd) -> 
     assert len(loss_curve) >= 3 and loss_curve[-1].value < loss_curve[0].value
     assert len(client.get_metric_history(r.info.run_id, "learning_rate")) == len(loss_curve)
     assert r.data.tags["tuneval.stage.finetune"] == "ran" and r.data.tags["tuneval.device"] == "cpu"
-    assert r.data.tags["prefect.flow_run_id"]
+    assert r.data.tags["prefect.flow_run_id"] and r.data.tags["tuneval.orchestrator"] == "prefect"
+    # Nothing to build: recorded as fully (params, curves, artifacts) but without starting Prefect.
+    fast = client.get_run(second["runs"][0]["mlflow_run_id"])
+    assert fast.data.tags["tuneval.orchestrator"] == "none" and not fast.data.tags["prefect.flow_run_id"]
+    assert fast.data.params == r.data.params
+    assert {a.path for a in client.list_artifacts(fast.info.run_id)} == artifacts_of(client, r.info.run_id)
     assert r.inputs.dataset_inputs and {d.dataset.name for d in r.inputs.dataset_inputs} >= {"toy/train", "toy/test"}
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"model", "predictions", "scores", "metric_settings.json", "cache_keys"} <= artifacts
@@ -87,6 +96,27 @@ def test_run_twice_second_all_cached_and_mlflow_record(project: Path, capfd) -> 
     cached = client.get_run(second["runs"][0]["mlflow_run_id"])
     assert cached.data.tags["tuneval.stage.finetune"] == "cached"
     assert len(client.get_metric_history(cached.info.run_id, "train_loss")) == len(loss_curve)
+
+    # One seed: a bootstrap CI over the test examples; each `tuneval run` is one invocation, compared
+    # with the previous one (same scores: no regression) and reported through `tuneval report`.
+    m = r.data.metrics
+    assert m["test_accuracy_ci_low"] <= m["test_accuracy"] <= m["test_accuracy_ci_high"] and "test_f1_ci_low" in m
+    assert cached.data.tags["tuneval.invocation"] != r.data.tags["tuneval.invocation"]
+    assert (
+        cached.data.tags["tuneval.regression"] == "false" and cached.data.tags["tuneval.compared_with"] == r.info.run_id
+    )
+    report_dir = project / "reports"
+    assert (
+        main(["report", "--config", str(project / "pipelines.yaml"), "--out", str(report_dir), "--fail-on-regression"])
+        == 0
+    )
+    assert "No regression since the previous run." in (report_dir / "smoke" / "report.md").read_text()
+
+    # --always-flow: a fully cached invocation still goes through Prefect when asked.
+    code, fourth = run_cli(project, "--always-flow")
+    assert code == 0 and set(stage_statuses(fourth).values()) == {"cached"}
+    flowed = client.get_run(fourth["runs"][0]["mlflow_run_id"])
+    assert flowed.data.tags["tuneval.orchestrator"] == "prefect" and flowed.data.tags["prefect.flow_run_id"]
 
 
 def test_finetune_fails_then_rerun_reuses_load_and_prepare(project: Path, tmp_path: Path, capfd) -> None:

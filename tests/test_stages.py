@@ -13,6 +13,7 @@ from conftest import write_rows
 from tasks import finetune_task, intrinsic_task, load_task, predict_task, prepare_task, score_task
 from tuneval.config import load_config, resolve_runs
 from tuneval.errors import DataError
+from tuneval.runner import all_cached
 from tuneval.settings import Settings
 from tuneval.stages import has_intrinsic
 
@@ -60,6 +61,14 @@ def test_stages_cache_and_rerun_only_what_changed(project: Path) -> None:
         "predict": "ran",
         "score": "ran",
     }
+
+    # Speed-only knobs stay out of every key: the whole run is still cached (planned without building).
+    speed = dict(compile=True, eval_batch_size=7, checkpoint_every_steps=3, log_every_steps=1, keep_checkpoints=1)
+    [speed_run] = runs_of(project, lambda r: r["pipelines"]["smoke"]["train"].update(speed))
+    assert all_cached([speed_run], settings)
+    [other_seed] = runs_of(project, lambda r: r["pipelines"]["smoke"].update(seeds=[2]))
+    assert not all_cached([other_seed], settings)
+    runs_of(project, lambda r: r["pipelines"]["smoke"].update(seeds=[1]))
 
     [len_run] = runs_of(project, lambda r: r["benchmarks"]["toy"].update(max_length=6))
     assert statuses(all_stages(len_run, settings)) == {

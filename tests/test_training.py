@@ -146,3 +146,32 @@ def test_same_seed_same_result_other_seed_differs(model_dir: Path) -> None:
 
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+@pytest.mark.integration
+def test_compiled_training_follows_the_eager_loss_curve(model_dir: Path) -> None:
+    # torch.compile(dynamic=True) fuses kernels, which reorders float sums: equal within fp32 noise,
+    # over several distinct padded lengths (length-bucketed batches), not bit for bit.
+    ds, tok = _toy_dataset(model_dir)
+    common = dict(epochs=1, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_every_steps=1)
+    eager, compiled = _model(model_dir), _model(model_dir)
+    cpu = torch.device("cpu")
+    ref = train(eager, ds, TrainSettings(**common), 3, clf.loss_fn, None, tok.pad_token_id, "right", cpu, None, False)
+    got = train(
+        compiled,
+        ds,
+        TrainSettings(compile=True, **common),
+        3,
+        clf.loss_fn,
+        None,
+        tok.pad_token_id,
+        "right",
+        cpu,
+        None,
+        False,
+    )
+    assert len(got.history) == len(ref.history) >= 4
+    torch.testing.assert_close([h["loss"] for h in got.history], [h["loss"] for h in ref.history], atol=1e-5, rtol=1e-4)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+    assert not any(k.startswith("_orig_mod") for k in compiled.state_dict())  # saved as the plain model

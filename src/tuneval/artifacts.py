@@ -15,7 +15,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +64,45 @@ def stage_key(stage: str, code_version: int, spec: Any, upstream: dict[str, str]
     return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:24], parts
 
 
+# Digests already computed by this process, keyed by the file's identity and stat: a run
+# verifies the same model and data files several times (planning, then each stage's key and
+# lookup), and a 90 MB model costs ~0.3 s per hash. Any write changes size or mtime_ns.
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    st = os.stat(path)
+    ident = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if (known := _DIGESTS.get(ident)) is not None:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    _DIGESTS[ident] = digest = h.hexdigest()
+    return digest
+
+
+class NotCached(Exception):
+    """Raised instead of building, inside ``lookup_only()``: the stage would have to run."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"{stage} is not cached")
+        self.stage = stage
+
+
+_LOOKUP_ONLY: ContextVar[bool] = ContextVar("tuneval_lookup_only", default=False)
+
+
+@contextmanager
+def lookup_only() -> Iterator[None]:
+    """Within this block ``Store.get_or_build`` never builds: a miss raises ``NotCached``.
+    Used to plan an invocation (is everything cached?) with the stages' own key code."""
+    token = _LOOKUP_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOOKUP_ONLY.reset(token)
 
 
 def hash_files(paths: list[Path], root: Path | None = None) -> str:
@@ -138,6 +173,13 @@ class Store:
     ) -> StageOutcome:
         """Return the cached artifact for ``key`` or build it with ``build(tmp_dir) -> meta``."""
         start = time.perf_counter()
+        if _LOOKUP_ONLY.get():
+            # No lock: committed folders appear by an atomic rename, and a probe must not wait
+            # behind another process's hour-long build.
+            ref = None if force else self.lookup(stage, key)
+            if ref is None:
+                raise NotCached(stage)
+            return StageOutcome(ref, "cached", time.perf_counter() - start, key_parts)
         (self.root / stage).mkdir(parents=True, exist_ok=True)
         # One process builds a key while another waits, then reuses its result.
         with FileLock(str(self.root / stage / f"{key}.lock")):

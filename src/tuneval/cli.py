@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from tuneval import __version__
 from tuneval.errors import TunevalError
 
+REGRESSION_EXIT = 3  # distinct from 1 (a bug in tuneval) and 2 (a problem with the input)
 STAGES = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 
 # Quiet, offline-friendly defaults; any of them can be overridden from the environment.
@@ -95,12 +96,51 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", choices=STAGES, metavar="STAGE", help=f"rerun STAGE and later ones ({', '.join(STAGES)})")
     r.add_argument("--json", metavar="PATH", help="write machine-readable results to PATH")
     r.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    r.add_argument(
+        "--always-flow",
+        action="store_true",
+        help="run through Prefect even when every stage is cached (by default such a run is only recorded)",
+    )
     r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", parents=[common], help="leaderboard from MLflow, regressions since the last run")
+    rep.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="(default: every pipeline with tracked runs)")
+    rep.add_argument("--out", metavar="DIR", help="write DIR/<pipeline>/report.{md,html,png} (default: ./reports)")
+    rep.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help=f"exit {REGRESSION_EXIT} when a metric dropped beyond its CI since the previous run",
+    )
+    rep.set_defaults(func=cmd_report)
 
     u = sub.add_parser("ui", parents=[common], help="MLflow UI on the project's store (127.0.0.1)")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     u.set_defaults(func=cmd_ui)
+
+    for name, helptext in (
+        ("serve", "serve scheduled pipelines here on their cron (Prefect serve)"),
+        ("deploy", "register scheduled pipelines on a Prefect work pool, for workers elsewhere"),
+    ):
+        d = sub.add_parser(name, parents=[common], help=helptext)
+        d.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="scheduled pipelines (all when none named)")
+        d.add_argument("--name-prefix", default="", metavar="TEXT", help="prefix for the deployment names")
+        d.add_argument("--dry-run", action="store_true", help="print the deployments as JSON and stop")
+        d.set_defaults(func=cmd_serve if name == "serve" else cmd_deploy)
+        if name == "serve":
+            d.add_argument(
+                "--port",
+                type=int,
+                default=4200,
+                help="port of the Prefect server started when PREFECT_API_URL is unset",
+            )
+        else:
+            d.add_argument("--pool", required=True, metavar="NAME", help="Prefect work pool (e.g. of type process)")
+            d.add_argument(
+                "--source",
+                metavar="DIR|GIT_URL",
+                help="where workers get the project: a folder they share (default: the config's folder) or a git URL",
+            )
 
     sub.add_parser("list", parents=[common], help="pipelines, models and benchmarks declared").set_defaults(
         func=cmd_list
@@ -158,13 +198,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     runs = resolve_runs(loaded, args.pipelines)  # every check that needs no model, before any flow starts
     settings = Settings.from_env(loaded.root, track=not args.no_track)
+    from tuneval import runner
+
+    # Nothing to build: record the runs (MLflow, JSON, table) with the plain stage functions and
+    # skip Prefect, whose server start-up would be most of the time. --always-flow overrides.
+    cached = not args.always_flow and runner.all_cached(runs, settings, args.force)
+    server = None
+    if not cached and not os.environ.get("PREFECT_API_URL"):
+        from flows.ephemeral_server import early_server
+
+        server = early_server()  # starts while MLflow and Prefect import below
     if settings.track:
         from tuneval.tracking import Tracker
 
         Tracker(settings.tracking_uri, settings.artifact_root).check()
-    from flows.run_all import run_flow
-
-    results = run_flow(runs, settings, args.force)
+    if cached:
+        results = runner.run_groups(runs, settings, runner.run_plain)
+    else:
+        results = _run_with_prefect(runs, settings, args.force, server)
     if args.json:
         from tuneval.record import write_json
 
@@ -179,6 +230,79 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"error: {r.get('model')}/{r.get('benchmark')}/seed {r.get('seed')}: {r.get('error')}", file=sys.stderr)
     return 2 if failed else 0
+
+
+def _run_with_prefect(runs: list[Any], settings: Any, force: str | None, server: Any) -> list[dict[str, Any]]:
+    from flows.run_all import run_flow_on
+
+    # Without a ready early server: the user's PREFECT_API_URL, or Prefect's own temporary server.
+    return run_flow_on(server.api_url if server is not None and server.wait_ready() else None, runs, settings, force)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config
+    from tuneval.config.runs import select_pipelines
+    from tuneval.leaderboard import publish, tracked_pipelines
+    from tuneval.settings import Settings
+
+    loaded = load_config(args.config)
+    settings = Settings.from_env(loaded.root)
+    names = select_pipelines(loaded, args.pipelines)
+    if not args.pipelines:
+        names = tracked_pipelines(settings, names)
+    out = Path(args.out) if args.out else Path("reports")
+    done = publish(settings, names, out)
+    regressions = []
+    for report, paths in done:
+        from tuneval.report import markdown
+
+        print(markdown(report, chart=None))
+        print(f"wrote {', '.join(str(p) for p in paths)}\n")
+        regressions += [(report.pipeline, c) for c in report.regressions]
+    for pipeline, c in regressions:
+        print(
+            f"regression: {pipeline}: {c.model}/{c.benchmark}/{c.metric}: worse by {c.worse_by:.4g} "
+            f"(threshold {c.threshold:.4g})",
+            file=sys.stderr,
+        )
+    return REGRESSION_EXIT if regressions and args.fail_on_regression else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config
+
+    loaded = load_config(args.config)
+    from flows.deployments import plan, serve
+
+    planned = plan(loaded, args.pipelines, args.name_prefix, str(loaded.path))
+    if args.dry_run:
+        print(json.dumps([p.to_json() for p in planned], indent=1))
+        return 0
+    for p in planned:
+        print(f"serving {p.deployment}: cron {p.cron!r} ({p.timezone}); Ctrl-C stops", flush=True)
+    serve(planned, args.port)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from tuneval.config import load_config
+
+    loaded = load_config(args.config)
+    from flows.deployments import config_parameter, deploy, is_remote, plan
+
+    source = args.source or str(loaded.root)
+    if not is_remote(source):
+        source = str(Path(source.removeprefix("file://")).expanduser().resolve())
+        if not Path(source).is_dir():
+            raise TunevalError(f"--source {args.source}: not a folder; give the project folder or a git URL")
+    planned = plan(loaded, args.pipelines, args.name_prefix, config_parameter(loaded.path, source))
+    if args.dry_run:
+        print(json.dumps([{**p.to_json(), "work_pool": args.pool, "source": source} for p in planned], indent=1))
+        return 0
+    deploy(planned, args.pool, source)
+    for p in planned:
+        print(f"deployed {p.deployment} on pool {args.pool}: cron {p.cron!r} ({p.timezone}), source {source}")
+    return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

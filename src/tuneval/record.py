@@ -41,7 +41,10 @@ class RunRecord:
                 "tuneval.benchmark": run.benchmark_name,
                 "tuneval.seed": str(run.seed),
                 "tuneval.problem": run.benchmark.problem,
+                "tuneval.invocation": settings.invocation,
                 "prefect.flow_run_id": flow_run_id or "",
+                # "none": every stage was cached, so the CLI recorded the run without starting Prefect.
+                "tuneval.orchestrator": "prefect" if flow_run_id else "none",
                 **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
             }
             record.mlflow_run_id = tracker.start(run.pipeline, run.run_name, tags)
@@ -111,6 +114,8 @@ class RunRecord:
             t.log_artifact(rid, folder / "predictions.parquet", "predictions")
         elif stage == "score":
             t.log_metrics(rid, {f"test_{k}": v for k, v in meta["metrics"].items()})
+            cis = meta.get("ci", {})  # 95% bootstrap over test examples: test_<metric>_ci_low / _ci_high
+            t.log_metrics(rid, {f"test_{k}_{end}": v for k, ci in cis.items() for end, v in ci.items()})
             t.log_dict(rid, meta["settings"], "metric_settings.json")
             t.log_params(rid, {"metric_settings": meta["settings"]})
             t.log_artifact(rid, folder / "report.json", "scores")
@@ -199,6 +204,7 @@ class SeedGroup:
                 "tuneval.benchmark": benchmark,
                 "tuneval.seeds": ",".join(map(str, seeds)),
                 "tuneval.kind": "seed-group",
+                "tuneval.invocation": settings.invocation,
             }
             self.run_id = self.tracker.start(pipeline, f"{model}__{benchmark}", tags)
 

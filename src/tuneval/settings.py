@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import secrets
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def new_invocation_id() -> str:
+    """Sortable by time, unique enough across machines: 20261126T074000Z-3f9a1c."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 @dataclass(frozen=True)
@@ -15,6 +22,8 @@ class Settings:
     artifact_root: str | None  # None when MLFLOW_TRACKING_URI names a server that decides
     device: str
     track: bool = True
+    # One id per `tuneval run`, tagged on every MLflow run it makes: "the previous run of a pipeline".
+    invocation: str = field(default_factory=new_invocation_id)
 
     @classmethod
     def from_env(cls, project_dir: str | os.PathLike[str], track: bool = True) -> Settings:

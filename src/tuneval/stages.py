@@ -10,29 +10,32 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tuneval import checkpoints as ckpt
-from tuneval import data, metrics, models, problems
+from tuneval import data, example_ci, metrics, models, problems
 from tuneval.artifacts import ArtifactRef, StageOutcome, Store, stage_key
 from tuneval.config.runs import RunSpec
-from tuneval.problems.base import Runtime
 from tuneval.settings import Settings
+
+if TYPE_CHECKING:
+    from tuneval.problems.base import Runtime
 
 log = logging.getLogger(__name__)
 
 ORDER = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 # Train settings that do not change what is learned (resume is exact), and the data caps that
 # the prepare stage's key already holds: both stay out of the finetune key.
-SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
+SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "compile"}
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
-CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 3, "predict": 2, "score": 2}
+CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 3, "predict": 2, "score": 3}
 
 
 def _store(settings: Settings) -> Store:
@@ -48,7 +51,6 @@ def load(run: RunSpec, settings: Settings, force: bool = False) -> StageOutcome:
 
 
 def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool = False) -> StageOutcome:
-    problem = problems.get(run.benchmark.problem)
     t = run.train
     caps = {"train": t.max_train_samples, "validation": t.max_eval_samples, "test": t.max_test_samples}
     spec = {
@@ -63,6 +65,7 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
     key, parts = stage_key("prepare", CODE_VERSION["prepare"], spec, upstream)
 
     def build(out: Path) -> dict[str, Any]:
+        problem = problems.get(run.benchmark.problem)
         split_meta = loaded.meta()["splits"]
         splits = {s: data.open_split(loaded.path, s) for s in split_meta}
         info = problem.check_data(splits, run.benchmark, {s: m["source"] for s, m in split_meta.items()})
@@ -90,7 +93,7 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
 
 def has_intrinsic(run: RunSpec) -> bool:
     """Only problems that score the pre-trained model itself (seq2seq perplexity) have the stage."""
-    return hasattr(problems.get(run.benchmark.problem), "intrinsic")
+    return problems.has_intrinsic(run.benchmark.problem)
 
 
 def intrinsic(
@@ -101,14 +104,14 @@ def intrinsic(
     A stage of its own, keyed by the model's files and the prepared data only: it is computed
     once per model x benchmark, whatever the seeds and recipes, and survives retraining.
     """
-    from tuneval import training
-
-    problem = problems.get(run.benchmark.problem)
     spec = {"model": run.model.model_dump(mode="json", exclude={"source", "revision"}), "split": "test"}
     upstream = {"prepare": prepared.fingerprint, "model": models.files_fingerprint(run.model_path, run.model.revision)}
     key, parts = stage_key("intrinsic", CODE_VERSION["intrinsic"], spec, upstream)
 
     def build(out: Path) -> dict[str, Any]:
+        from tuneval import training
+
+        problem = problems.get(run.benchmark.problem)
         info = prepared.meta()["info"]
         rt = _runtime(run, settings, run.train.precision, progress)
         training.seed_everything(0)  # newly initialised weights (BERT2BERT cross-attention) are fixed
@@ -127,6 +130,7 @@ def _max_len(run: RunSpec) -> int:
 
 def _runtime(run: RunSpec, settings: Settings, precision: str, progress: bool) -> Runtime:
     from tuneval import training
+    from tuneval.problems.base import Runtime
 
     device = training.resolve_device(settings.device)
     return Runtime(
@@ -140,27 +144,20 @@ def _runtime(run: RunSpec, settings: Settings, precision: str, progress: bool) -
 def hashed_dropout(run: RunSpec, settings: Settings) -> bool:
     """Whether this run draws dropout masks by hash (``hash_dropout``): whenever its seeds may be
     fused (``train.fuse_seeds`` true, or auto on CUDA), so a solo run and a fused one agree."""
-    from tuneval import training
-
     fuse = run.train.fuse_seeds
-    return bool(fuse) or (fuse is None and training.resolve_device(settings.device).type == "cuda")
+    if fuse is not None:
+        return fuse
+    if settings.device != "auto":
+        return settings.device.startswith("cuda")
+    # auto: an NVIDIA driver is visible. Not torch.cuda: a cached rerun must not import torch,
+    # and this decides a cache key, so it must answer the same with or without torch loaded.
+    return Path("/proc/driver/nvidia/version").exists() and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
 
 
 def finetune_key(run: RunSpec, settings: Settings, prepared: ArtifactRef) -> tuple[str, dict[str, Any]]:
     # Speed-only knobs stay out of the key: they do not change what is learned. fuse_seeds too:
     # fused and solo training agree to floating-point tolerance (tests/test_fused.py).
-    recipe = run.train.model_dump(
-        mode="json",
-        exclude={
-            "eval_batch_size",
-            "log_every_steps",
-            "max_train_samples",
-            "max_eval_samples",
-            "max_test_samples",
-            "data_seed",
-            "fuse_seeds",
-        },
-    )
+    recipe = run.train.model_dump(mode="json", exclude=SPEED_ONLY | CAPS | {"fuse_seeds"})
     spec: dict[str, Any] = {
         "train": recipe,
         "seed": run.seed,
@@ -199,13 +196,13 @@ def save_finetuned(
 def finetune(
     run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False, progress: bool = True
 ) -> StageOutcome:
-    from tuneval import hash_dropout, training
-
-    problem = problems.get(run.benchmark.problem)
     key, parts = finetune_key(run, settings, prepared)
     hashed = hashed_dropout(run, settings)
 
     def build(out: Path) -> dict[str, Any]:
+        from tuneval import hash_dropout, training
+
+        problem = problems.get(run.benchmark.problem)
         prep_meta = prepared.meta()
         info = prep_meta["info"]
         rt = _runtime(run, settings, run.train.precision, progress=False)
@@ -240,9 +237,9 @@ def finetune(
     store = _store(settings)
     work_dir = store.work_dir("finetune", key)
     if force:
-        ckpt.clear(work_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
     outcome = store.get_or_build("finetune", key, parts, build, force)
-    ckpt.clear(work_dir)  # the committed artifact supersedes its checkpoints
+    shutil.rmtree(work_dir, ignore_errors=True)  # the committed artifact supersedes its checkpoints
     return outcome
 
 
@@ -254,7 +251,6 @@ def predict(
     force: bool = False,
     progress: bool = True,
 ) -> StageOutcome:
-    problem = problems.get(run.benchmark.problem)
     options = predict_options(run)
     key, parts = stage_key(
         "predict",
@@ -264,6 +260,7 @@ def predict(
     )
 
     def build(out: Path) -> dict[str, Any]:
+        problem = problems.get(run.benchmark.problem)
         model, tokenizer, info = problem.load_model(tuned.dir / "model")
         info = {**info, **options}
         rt = _runtime(run, settings, tuned.meta()["precision"], progress)
@@ -277,7 +274,6 @@ def predict(
 def score(
     run: RunSpec, settings: Settings, predicted: ArtifactRef, prepared: ArtifactRef, force: bool = False
 ) -> StageOutcome:
-    problem = problems.get(run.benchmark.problem)
     names = list(run.benchmark.metrics)
     spec = {"metrics": names, "settings": {n: metrics.settings(n, run.benchmark.problem) for n in names}}
     key, parts = stage_key(
@@ -285,11 +281,16 @@ def score(
     )
 
     def build(out: Path) -> dict[str, Any]:
+        problem = problems.get(run.benchmark.problem)
         table = pq.read_table(predicted.dir / "predictions.parquet").to_pydict()
-        results, report = problem.score(table, names, prepared.meta()["info"])
+        info = prepared.meta()["info"]
+        results, report = problem.score(table, names, info)
+        # One seed has no spread over seeds: its CI is a bootstrap over the test examples.
+        cis = example_ci.bootstrap_cis(run.benchmark.problem, [n for n in names if n in results], table, info)
         (out / "metrics.json").write_text(json.dumps(results, indent=1))
         (out / "report.json").write_text(json.dumps(report, indent=1))
-        return {"metrics": results, "settings": spec["settings"]}
+        (out / "ci.json").write_text(json.dumps(cis, indent=1))
+        return {"metrics": results, "settings": spec["settings"], "ci": cis}
 
     return _store(settings).get_or_build("score", key, parts, build, force)
 

@@ -126,6 +126,30 @@ class Tracker:
         )
         self._safe(self.client.log_inputs, run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
 
+    def pipeline_runs(self, pipeline: str) -> list[dict[str, Any]] | None:
+        """Every run of a pipeline's experiment as plain data (None when the experiment does not exist):
+        run_id, status, start_time (ms), tags, latest metric values."""
+        exp = self.client.get_experiment_by_name(pipeline)
+        if exp is None:
+            return None
+        out: list[dict[str, Any]] = []
+        token = None
+        while True:
+            page = self.client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+            out += [
+                {
+                    "run_id": r.info.run_id,
+                    "status": r.info.status,
+                    "start_time": r.info.start_time,
+                    "tags": dict(r.data.tags),
+                    "metrics": dict(r.data.metrics),
+                }
+                for r in page
+            ]
+            token = page.token
+            if not token:
+                return out
+
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 

@@ -206,6 +206,9 @@ def train(
     total = steps_per_epoch * s.epochs
     optimizer = build_optimizer(model, s, device)
     scheduler = linear_schedule(optimizer, s.warmup_steps, total)
+    # Only the training forward goes through the compiled wrapper; it shares the parameters, so the
+    # optimizer, checkpoints, evaluation and the saved model all keep using ``model`` itself.
+    forward_model = torch.compile(model, dynamic=True) if s.compile else model
     loop = ckpt.LoopState()
     saved = ckpt.load_latest(work_dir) if work_dir is not None else None
     if saved is not None:
@@ -238,7 +241,7 @@ def train(
         for i, (idx, batch) in enumerate(iterate(train_ds, batches[loop.batch_index :], collate), loop.batch_index):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(model, batch)
+                loss = loss_fn(forward_model, batch)
             scaler.scale(loss / s.gradient_accumulation_steps).backward()
             running += loss.detach().float()
             loop.running_n += 1

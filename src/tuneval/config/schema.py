@@ -53,6 +53,11 @@ class TrainSettings(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     trainable: Literal["all", "head"] | TopK = "all"
     group_by_length: bool = True
+    compile: bool = Field(
+        False,
+        description="torch.compile(dynamic=True) the training forward/backward; compiling takes tens of "
+        "seconds, so it pays off on long GPU runs only",
+    )
     checkpoint: Literal["last", "best"] = "last"
     checkpoint_every_steps: PositiveInt | None = Field(
         None, description="also checkpoint every N optimizer steps (always at each epoch start); resume from it"
