@@ -216,6 +216,10 @@ def test_flow_fuses_a_seed_group(project: Path, capfd) -> None:
     ] * 2
     keys = [[r["stages"]["finetune"]["key"] for r in res["runs"]] for res in (first, forced)]
     assert keys[0] == keys[1]
+    code, cached = run_cli(project)  # everything cached: the plain path, no Prefect, no fusing
+    assert code == 0
+    assert {s["status"] for r in cached["runs"] for s in r["stages"].values()} == {"cached"}
+    assert [r["metrics"] for r in cached["runs"]] == [r["metrics"] for r in forced["runs"]]
 
 
 def test_hashed_dropout_solo_run_resumes_exactly(model_dir: Path, tmp_path: Path) -> None:

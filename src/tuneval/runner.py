@@ -140,6 +140,11 @@ def fuse_group(
     try:
         loaded = fns["load"](group[0], settings, "load" in forced)
         prepared = fns["prepare"](group[0], settings, loaded.ref, "prepare" in forced)
+        store = stages._store(settings)
+        if "finetune" not in forced and all(
+            store.lookup("finetune", stages.finetune_key(r, settings, prepared.ref)[0]) for r in group
+        ):
+            return {}, force_from  # every seed cached: nothing to fuse (and no torch import)
         fused, _reason = fns["finetune_fused"](group, settings, prepared.ref, "finetune" in forced)
     except Exception as e:  # noqa: BLE001 - each run reports its own failure
         log.warning("finetune: fusing seeds failed (%s); each seed runs alone", str(e).splitlines()[0][:200])
