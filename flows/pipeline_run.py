@@ -7,7 +7,16 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks import finetune_task, intrinsic_task, load_task, predict_task, prepare_task, score_task
+from tasks import (
+    finetune_task,
+    fused_finetune_task,
+    intrinsic_task,
+    load_task,
+    predict_task,
+    prepare_task,
+    score_task,
+)
+from tuneval.artifacts import StageOutcome
 from tuneval.config.runs import RunSpec
 from tuneval.runner import run_stages
 from tuneval.settings import Settings
@@ -19,6 +28,7 @@ TASKS = {
     "finetune": finetune_task,
     "predict": predict_task,
     "score": score_task,
+    "finetune_fused": fused_finetune_task,
 }
 
 
@@ -29,7 +39,12 @@ TASKS = {
     validate_parameters=False,
 )
 def pipeline_run_flow(
-    run: RunSpec, settings: Settings, force_from: str | None = None, parent_run_id: str | None = None
+    run: RunSpec,
+    settings: Settings,
+    force_from: str | None = None,
+    parent_run_id: str | None = None,
+    fused: StageOutcome | None = None,
 ) -> dict[str, Any]:
-    """The stage sequence of ``tuneval.runner`` with each stage as a Prefect task."""
-    return run_stages(run, settings, TASKS, force_from, parent_run_id, flow_run_id=flow_run.get_id())
+    """The stage sequence of ``tuneval.runner`` with each stage as a Prefect task; ``fused``: this
+    seed's finetune outcome from its group's fused pass."""
+    return run_stages(run, settings, TASKS, force_from, parent_run_id, flow_run_id=flow_run.get_id(), fused=fused)

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows import user_errors
-from flows.pipeline_run import pipeline_run_flow
+from flows.pipeline_run import TASKS, pipeline_run_flow
 from tuneval.config.runs import RunSpec
 from tuneval.runner import run_groups
 from tuneval.settings import Settings
@@ -18,7 +18,7 @@ user_errors.install()
 @flow(name="tuneval", persist_result=False, validate_parameters=False)
 def run_flow(runs: list[RunSpec], settings: Settings, force_from: str | None = None) -> list[dict[str, Any]]:
     """Every run as a subflow, seed group by seed group (``tuneval.runner.run_groups``)."""
-    return run_groups(runs, settings, pipeline_run_flow, force_from)
+    return run_groups(runs, settings, pipeline_run_flow, force_from, TASKS)
 
 
 def run_flow_on(

@@ -102,6 +102,10 @@ class RunRecord:
                 },
             )
             t.set_tags(rid, {"tuneval.device": meta["device"], "tuneval.precision": meta["precision"]})
+            if "fused_seeds" in meta:  # trained in one fused pass with these seeds
+                t.set_tags(rid, {"tuneval.fused_seeds": ",".join(map(str, meta["fused_seeds"]))})
+            if "dropout_masks" in meta:
+                t.set_tags(rid, {"tuneval.dropout_masks": meta["dropout_masks"]})
             t.log_artifacts(rid, folder / "model", "model")
         elif stage == "intrinsic":
             t.log_metrics(rid, {f"test_{k}": v for k, v in meta["metrics"].items()})

@@ -11,6 +11,7 @@ without starting Prefect: its temporary server would be most of a cached rerun's
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,16 +22,29 @@ from tuneval.errors import TunevalError
 from tuneval.record import RunRecord, SeedGroup, group_by_seeds
 from tuneval.settings import Settings
 
+log = logging.getLogger(__name__)
 StageFn = Callable[..., StageOutcome]
-PLAIN: Mapping[str, StageFn] = {
+
+
+def finetune_fused(
+    runs: list[RunSpec], settings: Settings, prepared: Any, force: bool = False
+) -> tuple[dict[int, StageOutcome], str | None]:
+    """A seed group's finetune artifacts in one fused pass (``tuneval.fused``; imports torch)."""
+    from tuneval import fused
+
+    return fused.finetune_seeds(runs, settings, prepared, force)
+
+
+PLAIN: Mapping[str, Callable[..., Any]] = {
     "load": stages.load,
     "prepare": stages.prepare,
     "intrinsic": stages.intrinsic,
     "finetune": stages.finetune,
     "predict": stages.predict,
     "score": stages.score,
+    "finetune_fused": finetune_fused,
 }
-RunOne = Callable[[RunSpec, Settings, "str | None", "str | None"], dict[str, Any]]
+RunOne = Callable[[RunSpec, Settings, "str | None", "str | None", "StageOutcome | None"], dict[str, Any]]
 
 
 def forced_stages(force_from: str | None) -> set[str]:
@@ -44,8 +58,10 @@ def run_stages(
     force_from: str | None = None,
     parent_run_id: str | None = None,
     flow_run_id: str | None = None,
+    fused: StageOutcome | None = None,
 ) -> dict[str, Any]:
-    """Run the stages in order; on failure mark the MLflow run FAILED and re-raise."""
+    """Run the stages in order; on failure mark the MLflow run FAILED and re-raise. ``fused``: this
+    seed's finetune outcome when its seed group was trained in one fused pass (status "fused")."""
     forced = forced_stages(force_from)
     record = RunRecord.open(run, settings, flow_run_id=flow_run_id, parent_run_id=parent_run_id)
     stage = "load"
@@ -59,7 +75,7 @@ def run_stages(
             stage = "intrinsic"
             record.stage_done(stage, fns["intrinsic"](run, settings, prepared.ref, "intrinsic" in forced))
         stage = "finetune"
-        tuned = fns["finetune"](run, settings, prepared.ref, "finetune" in forced)
+        tuned = fused or fns["finetune"](run, settings, prepared.ref, "finetune" in forced)
         record.stage_done(stage, tuned)
         stage = "predict"
         predicted = fns["predict"](run, settings, tuned.ref, prepared.ref, "predict" in forced)
@@ -76,7 +92,11 @@ def run_stages(
 
 
 def run_groups(
-    runs: list[RunSpec], settings: Settings, run_one: RunOne, force_from: str | None = None
+    runs: list[RunSpec],
+    settings: Settings,
+    run_one: RunOne,
+    force_from: str | None = None,
+    fns: Mapping[str, Callable[..., Any]] = PLAIN,
 ) -> list[dict[str, Any]]:
     """Runs go one after another: on a small machine parallel fine-tunes only fight for cores.
     Several seeds of one model x benchmark nest under a parent MLflow run carrying their
@@ -84,10 +104,12 @@ def run_groups(
     results = []
     for (pipeline, model, benchmark), group in group_by_seeds(runs).items():
         parent = SeedGroup(settings, pipeline, model, benchmark, [r.seed for r in group]) if len(group) > 1 else None
+        fused, run_force = fuse_group(group, settings, fns, force_from) if len(group) > 1 else ({}, force_from)
         group_results = []
         for run in group:
             try:
-                group_results.append(run_one(run, settings, force_from, parent and parent.run_id))
+                parent_id = parent and parent.run_id
+                group_results.append(run_one(run, settings, run_force, parent_id, fused.get(run.seed)))
             except TunevalError as e:
                 group_results.append(
                     getattr(e, "tuneval_result", None) or {"run": run.run_name, "status": "failed", "error": str(e)}
@@ -99,6 +121,37 @@ def run_groups(
 
     flag_after_run(settings, list(dict.fromkeys(r.pipeline for r in runs)))  # tags + warns on regressions
     return results
+
+
+def fuse_group(
+    group: list[RunSpec], settings: Settings, fns: Mapping[str, Callable[..., Any]], force_from: str | None
+) -> tuple[dict[int, StageOutcome], str | None]:
+    """Train a seed group's fine-tunes in one fused pass before its runs (``train.fuse_seeds``).
+
+    Returns each fused seed's finetune outcome and the ``force_from`` left for the runs: stages
+    forced here are not forced again. Anything going wrong here leaves the seeds to their own runs.
+    """
+    if not stages.hashed_dropout(group[0], settings):
+        return {}, force_from  # fusion off: nothing to do before the runs
+    if group[0].benchmark.problem != "classification" or stages.has_intrinsic(group[0]):
+        log.warning("finetune: %s trained one seed at a time: only classification is fused so far", group[0].pipeline)
+        return {}, force_from
+    forced = forced_stages(force_from)
+    try:
+        loaded = fns["load"](group[0], settings, "load" in forced)
+        prepared = fns["prepare"](group[0], settings, loaded.ref, "prepare" in forced)
+        store = stages._store(settings)
+        if "finetune" not in forced and all(
+            store.lookup("finetune", stages.finetune_key(r, settings, prepared.ref)[0]) for r in group
+        ):
+            return {}, force_from  # every seed cached: nothing to fuse (and no torch import)
+        fused, _reason = fns["finetune_fused"](group, settings, prepared.ref, "finetune" in forced)
+    except Exception as e:  # noqa: BLE001 - each run reports its own failure
+        log.warning("finetune: fusing seeds failed (%s); each seed runs alone", str(e).splitlines()[0][:200])
+        return {}, force_from
+    if "finetune" in forced:  # load/prepare (and the fused seeds' finetune) were rebuilt above
+        force_from = "predict" if fused else "finetune"
+    return fused, force_from
 
 
 def all_cached(runs: list[RunSpec], settings: Settings, force_from: str | None = None) -> bool:
@@ -118,7 +171,11 @@ def all_cached(runs: list[RunSpec], settings: Settings, force_from: str | None =
 
 
 def run_plain(
-    run: RunSpec, settings: Settings, force_from: str | None = None, parent_run_id: str | None = None
+    run: RunSpec,
+    settings: Settings,
+    force_from: str | None = None,
+    parent_run_id: str | None = None,
+    fused: StageOutcome | None = None,
 ) -> dict[str, Any]:
     """One run with the plain stage functions (no orchestrator)."""
-    return run_stages(run, settings, PLAIN, force_from, parent_run_id)
+    return run_stages(run, settings, PLAIN, force_from, parent_run_id, fused=fused)

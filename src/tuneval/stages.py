@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,21 +142,66 @@ def _runtime(run: RunSpec, settings: Settings, precision: str, progress: bool) -
     )
 
 
-def finetune(
-    run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False, progress: bool = True
-) -> StageOutcome:
-    # Speed-only knobs stay out of the key: they do not change what is learned.
-    recipe = run.train.model_dump(mode="json", exclude=SPEED_ONLY | CAPS)
-    spec = {
+def hashed_dropout(run: RunSpec, settings: Settings) -> bool:
+    """Whether this run draws dropout masks by hash (``hash_dropout``): whenever its seeds may be
+    fused (``train.fuse_seeds`` true, or auto on CUDA), so a solo run and a fused one agree."""
+    fuse = run.train.fuse_seeds
+    if fuse is not None:
+        return fuse
+    if settings.device != "auto":
+        return settings.device.startswith("cuda")
+    # auto: an NVIDIA driver is visible. Not torch.cuda: a cached rerun must not import torch,
+    # and this decides a cache key, so it must answer the same with or without torch loaded.
+    return Path("/proc/driver/nvidia/version").exists() and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+
+
+def finetune_key(run: RunSpec, settings: Settings, prepared: ArtifactRef) -> tuple[str, dict[str, Any]]:
+    # Speed-only knobs stay out of the key: they do not change what is learned. fuse_seeds too:
+    # fused and solo training agree to floating-point tolerance (tests/test_fused.py).
+    recipe = run.train.model_dump(mode="json", exclude=SPEED_ONLY | CAPS | {"fuse_seeds"})
+    spec: dict[str, Any] = {
         "train": recipe,
         "seed": run.seed,
         "model": run.model.model_dump(mode="json", exclude={"source", "revision"}),
     }
+    if hashed_dropout(run, settings):
+        spec["dropout_masks"] = "hash"  # other masks than torch's dropout: another result
     upstream = {"prepare": prepared.fingerprint, "model": models.files_fingerprint(run.model_path, run.model.revision)}
-    key, parts = stage_key("finetune", CODE_VERSION["finetune"], spec, upstream)
+    return stage_key("finetune", CODE_VERSION["finetune"], spec, upstream)
+
+
+def save_finetuned(
+    problem: Any, model: Any, tokenizer: Any, out: Path, info: dict[str, Any], result: Any, device: Any
+) -> dict[str, Any]:
+    """Write a finetune artifact (model, curves) and return its metadata; solo and fused alike."""
+    from tuneval import hash_dropout
+
+    hash_dropout.uninstall(model)  # plain nn.Dropout again: the saved model has no extra buffers
+    problem.save_model(model.cpu(), tokenizer, out / "model", info)
+    (out / "history.json").write_text(json.dumps(result.history))
+    (out / "epochs.json").write_text(json.dumps(result.epochs))
+    secs = max(result.train_seconds, 1e-9)
+    return {
+        "device": str(device),
+        "precision": result.precision,
+        "kept_epoch": result.kept_epoch,
+        "train_seconds": result.train_seconds,
+        "optimizer_steps": result.optimizer_steps,
+        "samples_per_second": result.samples / secs,
+        "real_tokens_per_second": result.real_tokens / secs,
+        "trainable_parameters": result.trainable_parameters,
+        "info": info,
+    }
+
+
+def finetune(
+    run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False, progress: bool = True
+) -> StageOutcome:
+    key, parts = finetune_key(run, settings, prepared)
+    hashed = hashed_dropout(run, settings)
 
     def build(out: Path) -> dict[str, Any]:
-        from tuneval import training
+        from tuneval import hash_dropout, training
 
         problem = problems.get(run.benchmark.problem)
         prep_meta = prepared.meta()
@@ -164,6 +210,8 @@ def finetune(
         training.seed_everything(run.seed)
         tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
         model = problem.build_model(run, tokenizer, info)
+        if hashed:
+            hash_dropout.install(model, run.seed)
         train_ds = data.open_split(prepared.path, "train")
         train_ds = train_ds.select_columns([c for c in problem.TRAIN_COLUMNS if c in train_ds.column_names])
         val_ds = data.open_split(prepared.path, "validation") if "validation" in prep_meta["splits"] else None
@@ -184,21 +232,8 @@ def finetune(
             work_dir=work_dir,
             progress=progress,
         )
-        problem.save_model(model.cpu(), tokenizer, out / "model", info)
-        (out / "history.json").write_text(json.dumps(result.history))
-        (out / "epochs.json").write_text(json.dumps(result.epochs))
-        secs = max(result.train_seconds, 1e-9)
-        return {
-            "device": str(rt.device),
-            "precision": result.precision,
-            "kept_epoch": result.kept_epoch,
-            "train_seconds": result.train_seconds,
-            "optimizer_steps": result.optimizer_steps,
-            "samples_per_second": result.samples / secs,
-            "real_tokens_per_second": result.real_tokens / secs,
-            "trainable_parameters": result.trainable_parameters,
-            "info": info,
-        }
+        meta = save_finetuned(problem, model, tokenizer, out, info, result, rt.device)
+        return {**meta, **({"dropout_masks": "hash"} if hashed else {})}
 
     store = _store(settings)
     work_dir = store.work_dir("finetune", key)

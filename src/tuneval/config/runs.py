@@ -56,6 +56,8 @@ def resolve_runs(loaded: LoadedConfig, names: list[str] | None = None) -> list[R
     for pname in select_pipelines(loaded, names):
         pipe = cfg.pipelines[pname]
         train = merged_train(cfg, pipe)
+        if len(pipe.seeds) == 1 and train.fuse_seeds is None:
+            train = train.model_copy(update={"fuse_seeds": False})  # auto: nothing to fuse with one seed
         for mname in pipe.models:
             model = cfg.models[mname]
             model_path = resolve_model_source(model, root)

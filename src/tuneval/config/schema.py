@@ -73,6 +73,11 @@ class TrainSettings(Strict):
     data_seed: NonNegativeInt = Field(
         0, description="seed of the sub-sampling done by max_*_samples (shared by all seeds)"
     )
+    fuse_seeds: bool | None = Field(
+        None,
+        description="train a pipeline's seeds as one batched model in one pass (hashed dropout masks); "
+        "None = on when training on CUDA with several seeds",
+    )
 
 
 class DataSpec(Strict):
