@@ -2,14 +2,21 @@
 
 The rules live in ``report.py`` (pure); this module only fetches runs through ``Tracker``, writes
 ``report.md``/``report.html``/``report.png``, logs them under ``report/`` on every latest run (the
-seed-group parent, or the single run) and tags those runs with the regression verdict.
+seed-group parent, or the single run) and tags those runs with the regression verdict. For the
+pairwise comparisons (``pairs.py``) it downloads each run's ``predictions/predictions.parquet``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
+
+from tuneval import pairs as pairs_mod
 from tuneval import report as rp
 from tuneval.errors import TunevalError
 from tuneval.settings import Settings
@@ -20,9 +27,28 @@ log = logging.getLogger(__name__)
 FILES = ("report.md", "report.html", "report.png")
 
 
-def load(tracker: Tracker, pipeline: str) -> rp.Report | None:
+def load(tracker: Tracker, pipeline: str, pairs: bool = False) -> rp.Report | None:
+    """The report; with ``pairs`` also its pairwise comparisons (downloads the runs' predictions)."""
     runs = tracker.pipeline_runs(pipeline)
-    return rp.build(pipeline, runs) if runs else None
+    report = rp.build(pipeline, runs) if runs else None
+    if report is None or not pairs:
+        return report
+    with tempfile.TemporaryDirectory(prefix="tuneval-pairs-") as tmp:
+        return dataclasses.replace(
+            report, pairs=pairs_mod.compare(report, runs or [], predictions_of(tracker, Path(tmp)))
+        )
+
+
+def predictions_of(tracker: Tracker, folder: Path) -> pairs_mod.Examples:
+    """run_id -> (its predictions.parquet as columns, its params), read from the run's MLflow artifacts."""
+
+    def examples(run_id: str) -> tuple[dict[str, list[Any]], dict[str, str]] | None:
+        path = tracker.download(run_id, "predictions/predictions.parquet", folder / run_id)
+        if path is None or not path.is_file():
+            return None
+        return pq.read_table(path).to_pydict(), tracker.run_params(run_id)
+
+    return examples
 
 
 def tag_regressions(tracker: Tracker, report: rp.Report) -> None:
@@ -56,7 +82,7 @@ def publish(settings: Settings, pipelines: list[str], out: Path) -> list[tuple[r
     tracker.check()
     done = []
     for pipeline in pipelines:
-        report = load(tracker, pipeline)
+        report = load(tracker, pipeline, pairs=True)
         if report is None:
             raise TunevalError(
                 f"pipeline '{pipeline}' has no tracked runs in {settings.tracking_uri}; "

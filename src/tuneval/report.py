@@ -88,12 +88,28 @@ class Change:
 
 
 @dataclass(frozen=True)
+class Pair:
+    """Model a against model b on one benchmark x metric of the latest invocation (see ``pairs.py``)."""
+
+    benchmark: str
+    model_a: str
+    model_b: str
+    metric: str
+    better_by: float | None  # a - b, negated for lower-is-better metrics: > 0 means a is better
+    ci_low: float | None  # 95% CI of better_by
+    ci_high: float | None
+    verdict: str  # "better" | "worse" | "not distinguishable" (a against b) | "not paired (<why>)"
+    method: str  # "paired t over N seeds" | "paired bootstrap over N examples" | "-"
+
+
+@dataclass(frozen=True)
 class Report:
     pipeline: str
     latest: list[Entry]
     changes: list[Change]
     invocation: str
     previous_invocations: tuple[str, ...]
+    pairs: list[Pair] = field(default_factory=list)  # filled by pairs.compare (needs per-seed runs, predictions)
 
     @property
     def regressions(self) -> list[Change]:
@@ -322,6 +338,30 @@ def detail_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def pair_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    head = ["benchmark", "metric", "A", "B", "A better by", "95% CI", "verdict (A vs B)", "method"]
+    rows = []
+    for p in report.pairs:
+        diff = ci = "-"
+        if p.better_by is not None:
+            diff = ("+" if p.better_by >= 0 else "") + fmt(p.better_by)
+        if p.ci_low is not None and p.ci_high is not None and p.better_by is not None:
+            ci = f"[{like(p.ci_low, p.better_by)}, {like(p.ci_high, p.better_by)}]"
+        rows.append(
+            [p.benchmark, f"{p.metric} {_arrow(p.metric)}", p.model_a, p.model_b, diff, ci, p.verdict, p.method]
+        )
+    return head, rows
+
+
+PAIRS_INTRO = (
+    "Each pair of models on a benchmark of the latest run. 'A better by' is A − B for ↑ metrics and B − A "
+    "for ↓ metrics, so > 0 favours A; the verdict is 'better' or 'worse' when its 95% CI excludes 0. With two "
+    "or more seeds in common: a paired t-interval over the per-seed differences; otherwise a paired percentile "
+    "bootstrap over the test examples (the same resampled examples for both models, each metric recomputed "
+    "as the corpus metric)."
+)
+
+
 def summary_lines(report: Report) -> list[str]:
     if not report.previous_invocations:
         lines = ["No earlier run of this pipeline to compare with."]
@@ -362,6 +402,8 @@ def markdown(report: Report, chart: str | None = "report.png") -> str:
     if chart:
         lines += [f"![mean and 95% CI per model]({chart})", ""]
     lines += ["## Details", "", *_md_table(*detail_rows(report)), ""]
+    if report.pairs:
+        lines += ["## Pairwise comparisons", "", PAIRS_INTRO, "", *_md_table(*pair_rows(report)), ""]
     return "\n".join(lines)
 
 
@@ -398,6 +440,11 @@ def to_html(report: Report, chart: str | None = "report.png") -> str:
         f'<img src="{html.escape(chart)}" alt="mean and 95% CI per model">' if chart else "",
         "<h2>Details</h2>",
         _html_table(head, rows, regressed_col=head.index("verdict")),
+        *(
+            ["<h2>Pairwise comparisons</h2>", f"<p>{html.escape(PAIRS_INTRO)}</p>", _html_table(*pair_rows(report))]
+            if report.pairs
+            else []
+        ),
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"

@@ -93,6 +93,11 @@ def paired_over_seeds(a: list[float], b: list[float], confidence: float = 0.95) 
     return Comparison(s.mean, s.ci_low, s.ci_high, _verdict(s.ci_low, s.ci_high), "paired t over seeds", confidence)
 
 
+def verdict(low: float, high: float) -> str:
+    """a against b from the CI of a - b (in the direction where larger is better)."""
+    return _verdict(low, high)
+
+
 def _verdict(low: float, high: float) -> str:
     if low > 0:
         return "better"

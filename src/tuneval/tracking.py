@@ -150,6 +150,24 @@ class Tracker:
             if not token:
                 return out
 
+    def run_params(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.params)
+
+    def download(self, run_id: str, path: str, dst: str | Path) -> Path | None:
+        """One artifact of a run into ``dst`` (None when the run has no such artifact or it cannot be read)."""
+        # A tqdm bar per file on stderr would bury `tuneval report`'s output; the user's own setting wins.
+        key, unset = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+        if unset:
+            os.environ[key] = "false"
+        try:
+            return Path(self.client.download_artifacts(run_id, path, str(dst)))
+        except Exception as e:  # noqa: BLE001
+            log.info("no artifact %s on run %s: %s", path, run_id, str(e).splitlines()[0][:200] if str(e) else e)
+            return None
+        finally:
+            if unset:
+                os.environ.pop(key, None)
+
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
