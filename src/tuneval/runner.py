@@ -133,6 +133,13 @@ def fuse_group(
     """
     if not stages.hashed_dropout(group[0], settings):
         return {}, force_from  # fusion off: nothing to do before the runs
+    if group[0].train.devices > 1:
+        log.warning(
+            "finetune: %s trains each seed on %d devices instead of fusing seeds",
+            group[0].pipeline,
+            group[0].train.devices,
+        )
+        return {}, force_from
     if group[0].benchmark.problem != "classification" or stages.has_intrinsic(group[0]):
         log.warning("finetune: %s trained one seed at a time: only classification is fused so far", group[0].pipeline)
         return {}, force_from

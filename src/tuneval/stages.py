@@ -8,6 +8,7 @@ otherwise. Prefect wraps each in one thin task (``tasks/``); nothing here import
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from tuneval.config.runs import RunSpec
 from tuneval.settings import Settings
 
 if TYPE_CHECKING:
+    from tuneval.distributed import Dist
     from tuneval.problems.base import Runtime
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,8 @@ ORDER = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 # Train settings that do not change what is learned (resume is exact), and the data caps that
 # the prepare stage's key already holds: both stay out of the finetune key.
 # ``compile`` is not among them: compiled dropout draws other masks, so it is another sample.
-SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
+# ``devices`` is: the same global batch split over processes, equal to one process within tolerance.
+SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "devices"}
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
@@ -160,6 +163,7 @@ def finetune_key(run: RunSpec, settings: Settings, prepared: ArtifactRef) -> tup
     # fused and solo training agree to floating-point tolerance (tests/test_fused.py).
     recipe = run.train.model_dump(mode="json", exclude=SPEED_ONLY | CAPS | {"fuse_seeds"})
     spec: dict[str, Any] = {
+        # devices: the same global batch split over processes, equal to one process within float tolerance.
         "train": recipe,
         "seed": run.seed,
         "model": run.model.model_dump(mode="json", exclude={"source", "revision"}),
@@ -198,42 +202,22 @@ def finetune(
     run: RunSpec, settings: Settings, prepared: ArtifactRef, force: bool = False, progress: bool = True
 ) -> StageOutcome:
     key, parts = finetune_key(run, settings, prepared)
-    hashed = hashed_dropout(run, settings)
 
     def build(out: Path) -> dict[str, Any]:
-        from tuneval import hash_dropout, training
+        if run.train.devices == 1:
+            return train_and_save(run, settings, prepared, out, work_dir, progress)
+        from tuneval import distributed
 
-        problem = problems.get(run.benchmark.problem)
-        prep_meta = prepared.meta()
-        info = prep_meta["info"]
-        rt = _runtime(run, settings, run.train.precision, progress=False)
-        training.seed_everything(run.seed)
-        tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
-        model = problem.build_model(run, tokenizer, info)
-        if hashed:
-            hash_dropout.install(model, run.seed)
-        train_ds = data.open_split(prepared.path, "train")
-        train_ds = train_ds.select_columns([c for c in problem.TRAIN_COLUMNS if c in train_ds.column_names])
-        val_ds = data.open_split(prepared.path, "validation") if "validation" in prep_meta["splits"] else None
-
-        def evaluate(m: Any) -> dict[str, float]:
-            return problem.evaluate(m, tokenizer, val_ds, info, rt)
-
-        result = training.fit(
-            model,
-            train_ds,
-            run.train,
-            run.seed,
-            problem.loss_fn,
-            evaluate if val_ds is not None else None,
-            tokenizer.pad_token_id,
-            tokenizer.padding_side,
-            rt.device,
-            work_dir=work_dir,
-            progress=progress,
-        )
-        meta = save_finetuned(problem, model, tokenizer, out, info, result, rt.device)
-        return {**meta, **({"dropout_masks": "hash"} if hashed else {})}
+        distributed.check_devices(run.train.devices, settings.device)
+        args = {
+            "run": run.model_dump(mode="json"),
+            "settings": distributed.settings_to_json(settings),
+            "prepared": dataclasses.asdict(prepared),
+            "out": str(out),
+            "work_dir": str(work_dir),
+            "progress": progress,
+        }
+        return distributed.launch(run.train.devices, args, work_dir)
 
     store = _store(settings)
     work_dir = store.work_dir("finetune", key)
@@ -242,6 +226,62 @@ def finetune(
     outcome = store.get_or_build("finetune", key, parts, build, force)
     shutil.rmtree(work_dir, ignore_errors=True)  # the committed artifact supersedes its checkpoints
     return outcome
+
+
+def train_and_save(
+    run: RunSpec,
+    settings: Settings,
+    prepared: ArtifactRef,
+    out: Path,
+    work_dir: Path,
+    progress: bool,
+    dist: Dist | None = None,
+) -> dict[str, Any]:
+    """The finetune stage's work: build the model, train it, write model and curves into ``out``.
+
+    Under ``dist`` (one of several data-parallel processes) every rank trains; rank 0 alone
+    evaluates and writes; the returned meta is rank 0's."""
+    from tuneval import hash_dropout, training
+    from tuneval.distributed import SINGLE
+
+    dist = dist or SINGLE
+    problem = problems.get(run.benchmark.problem)
+    prep_meta = prepared.meta()
+    info = prep_meta["info"]
+    rt = _runtime(run, settings, run.train.precision, progress=False)  # a worker's settings name its own device
+    training.seed_everything(run.seed)
+    tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
+    model = problem.build_model(run, tokenizer, info)
+    hashed = hashed_dropout(run, settings)
+    if hashed:
+        hash_dropout.install(model, run.seed)
+    train_ds = data.open_split(prepared.path, "train")
+    train_ds = train_ds.select_columns([c for c in problem.TRAIN_COLUMNS if c in train_ds.column_names])
+    val_ds = data.open_split(prepared.path, "validation") if "validation" in prep_meta["splits"] else None
+
+    def evaluate(m: Any) -> dict[str, float]:
+        return problem.evaluate(m, tokenizer, val_ds, info, rt)
+
+    result = training.fit(
+        model,
+        train_ds,
+        run.train,
+        run.seed,
+        problem.loss_fn,
+        evaluate if val_ds is not None else None,
+        tokenizer.pad_token_id,
+        tokenizer.padding_side,
+        rt.device,
+        work_dir=work_dir,
+        progress=progress,
+        dist=dist,
+    )
+    if not dist.is_main:
+        return {}
+    meta = save_finetuned(problem, model, tokenizer, out, info, result, rt.device)
+    if dist.active:
+        meta["device"] = f"{rt.device.type} x{dist.world_size}"
+    return {**meta, "devices": dist.world_size, **({"dropout_masks": "hash"} if hashed else {})}
 
 
 def predict(

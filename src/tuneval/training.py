@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 
 from tuneval import checkpoints as ckpt
-from tuneval.batching import iterate, length_grouped_batches, make_collate
+from tuneval.batching import length_grouped_batches, make_collate
 from tuneval.config.schema import TrainSettings
+from tuneval.distributed import SINGLE, Dist
 from tuneval.errors import TunevalError
 from tuneval.models import layer_stack
 
@@ -117,10 +118,11 @@ def fit(
     device: torch.device,
     work_dir: Path | None = None,
     progress: bool = True,
+    dist: Dist = SINGLE,
 ) -> TrainResult:
     """``train`` plus the recoveries: CUDA out-of-memory halves the micro-batch and doubles gradient
     accumulation (same effective batch); a NaN loss under fp16 retries from the last epoch start in
-    fp32, once."""
+    fp32, once (every rank sees the same all-reduced loss, so all ranks retry together)."""
     settings, precision = s, resolve_precision(s.precision, device)
     retried_nan = False
     while True:
@@ -138,8 +140,14 @@ def fit(
                 work_dir,
                 progress,
                 precision=precision,
+                dist=dist,
             )
         except torch.OutOfMemoryError:
+            if dist.active:  # the other ranks sit in a collective; torchrun stops them all
+                raise TunevalError(
+                    f"finetune: out of memory on one of {dist.world_size} devices; lower train.batch_size "
+                    "(each device takes batch_size / devices rows) or use more gradient_accumulation_steps"
+                ) from None
             if settings.batch_size == 1:
                 raise TunevalError(
                     "finetune: out of memory even at batch_size 1; use a smaller model, "
@@ -167,7 +175,7 @@ def fit(
                 ) from None
             retried_nan, precision = True, "fp32"
             log.warning("finetune: %s under fp16; retrying from the last epoch start in fp32", e)
-            if work_dir is not None:
+            if work_dir is not None and dist.is_main:
                 ckpt.keep_epoch_starts_only(work_dir)
 
 
@@ -184,6 +192,7 @@ def train(
     work_dir: Path | None = None,
     progress: bool = True,
     precision: str | None = None,
+    dist: Dist = SINGLE,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``train_ds`` (tokenized, unpadded); return the curves.
 
@@ -191,6 +200,9 @@ def train(
     epoch's batch order and the position in it) is written every ``checkpoint_every_steps``
     optimizer steps and at each epoch start, and training resumes from the newest one: a killed run
     continues to the same result as an uninterrupted one.
+
+    Under ``dist`` (data parallel), every rank walks the same global batches and trains on its
+    shard of each; rank 0 alone writes checkpoints, evaluates and keeps the best weights.
     """
     from tqdm.auto import tqdm
 
@@ -206,23 +218,35 @@ def train(
     total = steps_per_epoch * s.epochs
     optimizer = build_optimizer(model, s, device)
     scheduler = linear_schedule(optimizer, s.warmup_steps, total)
-    # Only the training forward goes through the compiled wrapper; it shares the parameters, so the
-    # optimizer, checkpoints, evaluation and the saved model all keep using ``model`` itself.
-    forward_model = torch.compile(model, dynamic=True) if s.compile else model
     loop = ckpt.LoopState()
     saved = ckpt.load_latest(work_dir) if work_dir is not None else None
     if saved is not None:
         loop = ckpt.restore(saved[1], model, optimizer, scheduler, scaler, gen)
         log.warning("finetune: resuming from checkpoint %s (epoch %d, step %d)", saved[0].name, loop.epoch, loop.step)
+    dist.barrier()  # every rank has read the checkpoint before rank 0 writes and prunes
+    save_checkpoints = work_dir is not None and dist.is_main
     result.history, result.epochs = loop.history, loop.epochs
-    running = torch.tensor(loop.running_sum, device=device)
+    # Rank 0 checkpoints the running sum over all ranks, so it alone resumes with it.
+    running = torch.tensor(loop.running_sum if dist.is_main else 0.0, device=device)
+    ddp_model = dist.wrap(model, device)
+    # Only the training forward goes through the compiled wrapper; it shares the parameters, so the
+    # optimizer, checkpoints, evaluation and the saved model all keep using ``model`` itself.
+    forward_model = torch.compile(ddp_model, dynamic=True) if s.compile else ddp_model
     start = time.perf_counter()
-    bar = tqdm(total=total, initial=loop.step, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=loop.step,
+        desc="finetune",
+        unit="step",
+        disable=not (progress and dist.is_main),
+        dynamic_ncols=True,
+    )
     for epoch in range(loop.epoch, s.epochs + 1):
         if loop.epoch != epoch or not loop.batches:  # a fresh epoch (not one resumed part-way)
             loop.epoch, loop.batch_index = epoch, 0
             loop.batches = length_grouped_batches(lengths, s.batch_size, gen, shuffle=True, group=s.group_by_length)
-            if work_dir is not None:
+            running = dist.to_main(running)
+            if save_checkpoints:
                 ckpt.save(
                     work_dir,
                     loop,
@@ -235,19 +259,24 @@ def train(
                     s.keep_checkpoints,
                     epoch_start=True,
                 )
-        model.train()
+        ddp_model.train()
         optimizer.zero_grad(set_to_none=True)
         batches = loop.batches
-        for i, (idx, batch) in enumerate(iterate(train_ds, batches[loop.batch_index :], collate), loop.batch_index):
+        for i, (idx, batch, units) in enumerate(
+            dist.iterate(train_ds, batches[loop.batch_index :], collate), loop.batch_index
+        ):
+            share = dist.loss_share(units, device)  # of the global batch's loss; 1.0 in one process
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(forward_model, batch)
-            scaler.scale(loss / s.gradient_accumulation_steps).backward()
-            running += loss.detach().float()
+            last_micro = (i + 1) % s.gradient_accumulation_steps == 0 or i + 1 == len(batches)
+            with dist.no_sync(ddp_model, sync=last_micro):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = loss_fn(forward_model, batch)
+                scaler.scale(dist.scale_for_backward(loss, share) / s.gradient_accumulation_steps).backward()
+            running += loss.detach().float() * share  # summed over ranks: the global batch's mean loss
             loop.running_n += 1
-            loop.samples += len(idx)
+            loop.samples += len(idx)  # the global batch: the same count on every rank
             loop.real_tokens += sum(lengths[j] for j in idx)  # from the host: no device sync
-            if (i + 1) % s.gradient_accumulation_steps and i + 1 != len(batches):
+            if not last_micro:
                 continue
             if s.max_grad_norm:
                 scaler.unscale_(optimizer)
@@ -261,15 +290,17 @@ def train(
             bar.update(1)
             if loop.step % s.log_every_steps == 0 or loop.step == total:
                 # The only host sync in the loop: one .item() every log_every_steps steps.
-                mean_loss = float(running) / loop.running_n
+                mean_loss = float(dist.sum(running)) / loop.running_n
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLoss(f"loss is {mean_loss} at step {loop.step} (epoch {epoch})")
                 loop.history.append({"step": loop.step, "epoch": epoch, "loss": mean_loss, "learning_rate": lr})
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 running, loop.running_n = torch.zeros((), device=device), 0
             if work_dir is not None and s.checkpoint_every_steps and loop.step % s.checkpoint_every_steps == 0:
-                ckpt.save(work_dir, loop, model, optimizer, scheduler, scaler, gen, running, s.keep_checkpoints)
-        if evaluate is not None:
+                running = dist.to_main(running)
+                if save_checkpoints:
+                    ckpt.save(work_dir, loop, model, optimizer, scheduler, scaler, gen, running, s.keep_checkpoints)
+        if evaluate is not None and dist.is_main:
             metrics = {"epoch": epoch, **evaluate(model)}
             loop.epochs.append(metrics)
             log.info("epoch %d validation: %s", epoch, metrics)

@@ -66,6 +66,7 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> LoadedConfig:
     except ValidationError as e:
         problems += [(tuple(err["loc"]), _describe(err)) for err in e.errors()]
     problems += _check_train_overrides(raw)
+    problems += _check_devices(raw)
     problems += _check_references(raw)
     problems += _check_paths(raw, path.parent)
     if problems:
@@ -99,6 +100,33 @@ def _check_train_overrides(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], s
             TrainSettings.model_validate(block)
         except ValidationError as e:
             out += [(prefix + tuple(err["loc"]), _describe(err)) for err in e.errors()]
+    return out
+
+
+def _check_devices(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Each device takes batch_size / devices rows of every batch: checked on each pipeline's merged
+    recipe (defaults + its own train block), since either block may set either field."""
+    defaults = raw.get("defaults")
+    base = defaults.get("train") if isinstance(defaults, dict) else None
+    base = base if isinstance(base, dict) else {}
+    pipelines = raw.get("pipelines") if isinstance(raw.get("pipelines"), dict) else {}
+    out = []
+    for name, spec in pipelines.items():
+        own = spec.get("train") if isinstance(spec, dict) else None
+        own = own if isinstance(own, dict) else {}
+        try:
+            t = TrainSettings.model_validate({**base, **own})
+        except ValidationError:
+            continue  # reported by _check_train_overrides
+        if t.batch_size % t.devices:
+            where = ("pipelines", name, "train") if {"devices", "batch_size"} & own.keys() else ("defaults", "train")
+            out.append(
+                (
+                    where + ("devices",),
+                    f"batch_size {t.batch_size} is not divisible by devices {t.devices}; each device takes "
+                    f"batch_size / devices rows of every batch: use a batch_size that is a multiple of {t.devices}",
+                )
+            )
     return out
 
 

@@ -43,6 +43,11 @@ class TrainSettings(Strict):
     learning_rate: PositiveFloat = 3e-5
     batch_size: PositiveInt = 16
     gradient_accumulation_steps: PositiveInt = 1
+    devices: PositiveInt = Field(
+        1,
+        description="data-parallel processes (one per GPU; gloo processes on CPU) that split each batch; "
+        "batch_size stays the global batch and must be divisible by devices",
+    )
     warmup_steps: NonNegativeInt = 0
     weight_decay: NonNegativeFloat = 0.01
     max_grad_norm: PositiveFloat | None = 1.0
