@@ -16,7 +16,6 @@ from test_seq2seq import run_for
 from test_stages import runs_of
 
 from tuneval import models
-from tuneval.artifacts import Store
 from tuneval.batching import PAD_LABEL, make_collate
 from tuneval.config import load_config
 from tuneval.distributed import Dist, loss_units, shard
@@ -141,7 +140,8 @@ def _runs(project: Path, model_dir: Path):
 def _assert_same_training(a, b, model_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    assert a.ref.key == b.ref.key  # devices is a speed knob: not in the key
+    # devices is in the key: with dropout on, each rank draws other masks (another sample)
+    assert a.ref.key != b.ref.key
     assert b.ref.meta()["devices"] == 2 and b.ref.meta()["optimizer_steps"] == a.ref.meta()["optimizer_steps"] == 28
     curves = [json.loads((x.ref.dir / "history.json").read_text()) for x in (a, b)]
     assert [h["step"] for h in curves[0]] == [h["step"] for h in curves[1]]
@@ -172,38 +172,6 @@ def test_two_gloo_processes_match_one_process(project: Path, model_dir: Path) ->
     a = stages.finetune(one, settings, prep, progress=False)
     b = stages.finetune(two, other_cache, prep, progress=False)
     assert b.status == "ran"
-    _assert_same_training(a, b, model_dir)
-
-
-@pytest.mark.slow
-def test_two_processes_resume_a_checkpoint_of_one(project: Path, model_dir: Path, monkeypatch) -> None:
-    """A one-process run crashes at step 10 (mid-epoch); the rerun with devices 2 resumes its
-    checkpoint on both ranks (rank 0 keeps the running loss) and ends where one process ends."""
-    from tuneval import stages
-    from tuneval.problems import classification as clf
-
-    one, two, prep, settings, other_cache = _runs(project, model_dir)
-    a = stages.finetune(one, settings, prep, progress=False)
-
-    class Crash(Exception):
-        pass
-
-    calls = {"n": 0}
-    real = clf.loss_fn
-
-    def crashing(model, batch):
-        calls["n"] += 1
-        if calls["n"] > 21:  # 2 micro-batches per step: after step 10
-            raise Crash
-        return real(model, batch)
-
-    monkeypatch.setattr(clf, "loss_fn", crashing)
-    with pytest.raises(Crash):
-        stages.finetune(one, other_cache, prep, progress=False)
-    monkeypatch.setattr(clf, "loss_fn", real)
-    work = Store(other_cache.cache_dir).work_dir("finetune", a.ref.key)
-    assert sorted(p.name for p in work.glob("ckpt-*.pt"))[-1] == "ckpt-000000010-0.pt"
-    b = stages.finetune(two, other_cache, prep, progress=False)
     _assert_same_training(a, b, model_dir)
 
 

@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 ORDER = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 # Train settings that do not change what is learned (resume is exact), and the data caps that
 # the prepare stage's key already holds: both stay out of the finetune key.
-# ``compile`` is not among them: compiled dropout draws other masks, so it is another sample.
-# ``devices`` is: the same global batch split over processes, equal to one process within tolerance.
-SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "devices"}
+# ``compile`` and ``devices`` are not among them: with dropout on, compiled dropout and each rank
+# draw other masks, so the result is another sample of the recipe (equal within tolerance only
+# with dropout off: tests/test_training.py, tests/test_ddp.py).
+SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
@@ -161,13 +162,14 @@ def hashed_dropout(run: RunSpec, settings: Settings) -> bool:
 def finetune_key(run: RunSpec, settings: Settings, prepared: ArtifactRef) -> tuple[str, dict[str, Any]]:
     # Speed-only knobs stay out of the key: they do not change what is learned. fuse_seeds too:
     # fused and solo training agree to floating-point tolerance (tests/test_fused.py).
-    recipe = run.train.model_dump(mode="json", exclude=SPEED_ONLY | CAPS | {"fuse_seeds"})
+    recipe = run.train.model_dump(mode="json", exclude=SPEED_ONLY | CAPS | {"fuse_seeds", "devices"})
     spec: dict[str, Any] = {
-        # devices: the same global batch split over processes, equal to one process within float tolerance.
         "train": recipe,
         "seed": run.seed,
         "model": run.model.model_dump(mode="json", exclude={"source", "revision"}),
     }
+    if run.train.devices > 1:  # only then: one-process keys stay what they were before the setting
+        spec["devices"] = run.train.devices
     if hashed_dropout(run, settings):
         spec["dropout_masks"] = "hash"  # other masks than torch's dropout: another result
     upstream = {"prepare": prepared.fingerprint, "model": models.files_fingerprint(run.model_path, run.model.revision)}
