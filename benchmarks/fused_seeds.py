@@ -153,7 +153,9 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
         (torch.tensor(fused_k["heads"][sd]) - torch.tensor(w)).abs().max().item() for sd, w in solo_k["heads"].items()
     )
     print(
-        f"\nfused-{args.fused_seeds} vs solo-{args.fused_seeds}: {solo_k['seconds'] / fused_k['seconds']:.2f}x faster; "
+        f"\nfused-{args.fused_seeds} vs solo-{args.fused_seeds}: "
+        f"speed-up {solo_k['seconds'] / fused_k['seconds']:.2f}x "
+        "(solo wall / fused wall; < 1 means slower); "
         f"largest head-weight difference between a seed's fused and solo run: {diff:.2e}"
     )
 
