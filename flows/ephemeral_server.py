@@ -14,18 +14,11 @@ import atexit
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import closing
 
-
-def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from flows.local_server import free_port, healthy
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -44,7 +37,7 @@ class EarlyServer:
 
         spec = importlib.util.find_spec("prefect")
         assert spec is not None and spec.origin is not None
-        self.port = _free_port()
+        self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         env = {
             **os.environ,
@@ -81,12 +74,8 @@ class EarlyServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return True
-            except OSError:
-                pass
+            if healthy(self.api_url, timeout=2):
+                return True
             time.sleep(0.1)
         return False
 

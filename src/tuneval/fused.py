@@ -41,7 +41,9 @@ from tuneval.config.schema import TrainSettings
 from tuneval.training import (
     NonFiniteLoss,
     TrainResult,
+    adamw,
     apply_trainable,
+    decays,
     linear_schedule,
     resolve_precision,
 )
@@ -233,17 +235,9 @@ def _optimizer(
     template: nn.Module, stacked: dict[str, torch.Tensor], s: TrainSettings, device: torch.device
 ) -> torch.optim.AdamW:
     """``training.build_optimizer``'s groups, decided on the unstacked shapes (ndim < 2: no decay)."""
-    decay, no_decay = [], []
-    for name, p in template.named_parameters():
-        t = stacked[name]
-        if not t.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(t)
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        groups, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_epsilon, fused=fused
-    )
+    params = [(stacked[name], decays(name, p)) for name, p in template.named_parameters()]
+    params = [(t, d) for t, d in params if t.requires_grad]
+    return adamw([t for t, d in params if d], [t for t, d in params if not d], s, device)
 
 
 @torch.no_grad()
