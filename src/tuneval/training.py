@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from tuneval import checkpoints as ckpt
+from tuneval import cpu_memory
 from tuneval.batching import length_grouped_batches, make_collate
 from tuneval.config.schema import TrainSettings
 from tuneval.distributed import SINGLE, Dist
@@ -214,6 +215,8 @@ def train(
     from tqdm.auto import tqdm
 
     result = TrainResult(precision=precision or resolve_precision(s.precision, device))
+    if device.type == "cpu":
+        cpu_memory.keep_freed_memory()
     model.to(device)
     result.trainable_parameters = apply_trainable(model, s.trainable)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(result.precision)

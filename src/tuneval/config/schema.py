@@ -64,6 +64,13 @@ class TrainSettings(Strict):
         "seconds, so it pays off on long GPU runs only; compiled dropout draws other masks than eager "
         "(same distribution), so with dropout a compiled run is another sample, not the eager run",
     )
+    encoder_kernels: Literal["tuneval", "transformers"] = Field(
+        "tuneval",
+        description="classification with a BERT-family encoder: 'tuneval' runs tuneval's own forward "
+        "(padding dropped on CPU, one Q/K/V matmul, the last layer for [CLS] only, cheaper CPU dropout "
+        "masks): the same function as transformers' to float rounding, but with dropout on it draws "
+        "other masks, so a run is another sample of the recipe; 'transformers' = the model's own forward",
+    )
     checkpoint: Literal["last", "best"] = "last"
     checkpoint_every_steps: PositiveInt | None = Field(
         None, description="also checkpoint every N optimizer steps (always at each epoch start); resume from it"

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuneval import models
+from tuneval import models, packed_bert
 from tuneval.errors import DataError
 from tuneval.problems.base import Runtime
 
@@ -110,12 +110,18 @@ class Classifier(nn.Module):
         std = getattr(backbone.config, "initializer_range", 0.02)
         nn.init.normal_(self.classifier.weight, std=std)
         nn.init.zeros_(self.classifier.bias)
+        # tuneval's own encoder forward where it reproduces the backbone (packed_bert.supports);
+        # False = always transformers' forward (train.encoder_kernels: transformers).
+        self.own_kernels = True
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last" and "position_ids" not in kw:
             # Causal LMs count positions by index: under left padding the first real token must
             # still be position 0, or the same text gets other logits in another batch.
             kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.own_kernels and set(kw) <= {"token_type_ids"} and packed_bert.supports(self.backbone, self.pooling):
+            pooled = packed_bert.first_token_states(self.backbone, input_ids, attention_mask, kw.get("token_type_ids"))
+            return self.classifier(self.dropout(pooled))
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling)
         return self.classifier(self.dropout(pooled))
@@ -138,7 +144,9 @@ def resolve_pooling(requested: str, config: Any) -> str:
 
 
 def build_model(run: Any, tokenizer: Any, info: dict[str, Any]) -> Classifier:
-    return new_classifier(run.model_path, run.model, tokenizer, len(info["label_names"]), run.train.dropout)
+    model = new_classifier(run.model_path, run.model, tokenizer, len(info["label_names"]), run.train.dropout)
+    model.own_kernels = run.train.encoder_kernels == "tuneval"
+    return model
 
 
 def new_classifier(

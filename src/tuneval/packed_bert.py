@@ -1,0 +1,160 @@
+"""tuneval's own forward of a BERT-family encoder for a [CLS] classification head.
+
+The same function as ``transformers.BertModel`` followed by taking the first real token (equal
+to float rounding, checked in tests/test_packed_bert.py), with four kinds of work removed:
+
+- **Padding is dropped** (CPU): every position-wise op (embeddings, Q/K/V, output projections,
+  FFN, layer norms, dropout) runs on the real tokens only; only attention sees the padded
+  [batch, length] layout. Padding's outputs never reach a real token, so nothing changes.
+- **Q, K and V are one matmul** (weights concatenated each call, so gradients reach the three
+  original ``nn.Linear`` parameters): one larger GEMM runs closer to peak than three small ones.
+- **The last layer computes [CLS] only**: keys and values need every token, but queries, the
+  attention output, the FFN and both layer norms are needed for the one token the head reads
+  (about 14% of MiniLM's encoder FLOPs, forward and backward).
+- **Cheaper dropout masks on CPU**: torch's CPU bernoulli was 9% of a MiniLM step (profiled);
+  here 64 random bits give four 16-bit uniforms, so p is rounded to a multiple of 1/65536
+  (0.1 -> 0.1000061) and the kept values are scaled by 1/(1 - that p). Masks come from torch's
+  global generator, so a seed and checkpoint/resume stay reproducible. On CUDA torch's dropout
+  (Philox) is used unchanged.
+
+While training with dropout the masks differ from transformers' (another sample of the same
+recipe), which is why ``train.encoder_kernels`` is part of the finetune cache key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Model classes whose forward this module reproduces: absolute positions, post-norm layers.
+_SUPPORTED = {"BertModel"}
+
+
+def supports(backbone: nn.Module, pooling: str) -> bool:
+    """Whether ``first_token_states`` computes exactly what ``backbone`` + first-token pooling does."""
+    cfg = getattr(backbone, "config", None)
+    if type(backbone).__name__ not in _SUPPORTED or pooling != "first" or cfg is None:
+        return False
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return False
+    if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        return False
+    # Hashed (fused-seed) dropout replaces the nn.Dropout modules: then the transformers path runs.
+    if getattr(cfg, "_attn_implementation", None) == "tuneval_hash":
+        return False
+    return all(type(m) is nn.Dropout for m in backbone.modules() if isinstance(m, nn.Dropout))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout; on CPU with 16-bit uniforms from one int64 draw per four elements."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    threshold = round(p * 65536)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
+    keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold - 32768
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - threshold / 65536))
+
+
+def first_token_states(
+    bert: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    pack: bool | None = None,
+) -> torch.Tensor:
+    """The last hidden state of each row's first real token: [batch, hidden]; ``pack`` (drop
+    padding) defaults to on for CPU tensors."""
+    b, length = input_ids.shape
+    real = attention_mask.bool()
+    emb = bert.embeddings
+    positions = torch.arange(length, device=input_ids.device).expand(b, length)  # as BertModel: pads counted
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    # CPU: keep real tokens only (the index costs a host sync, free on CPU). CUDA: keep the padded
+    # layout, where a sync per step would cost more than the padding saves after length bucketing.
+    pack = input_ids.device.type == "cpu" if pack is None else pack
+    flat_real = real.reshape(-1)
+    index = flat_real.nonzero().squeeze(1) if pack else None
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(b * length, *t.shape[2:])
+        return t.index_select(0, index) if index is not None else t
+
+    h = emb.word_embeddings(take(input_ids)) + emb.token_type_embeddings(take(token_type_ids))
+    h = h + emb.position_embeddings(take(positions))
+    h = dropout(emb.LayerNorm(h), emb.dropout.p, emb.training)
+    # Row b's first real token, as a row of h. Packing keeps order, so it opens row b's segment.
+    if index is not None:
+        lengths = real.sum(dim=1)
+        cls_rows = torch.cumsum(lengths, 0) - lengths
+    else:
+        cls_rows = torch.arange(b, device=input_ids.device) * length + real.int().argmax(dim=1)
+    key_mask = real[:, None, None, :]  # [b, 1, 1, length]: True = attend
+    layers = list(bert.encoder.layer)
+    for i, layer in enumerate(layers):
+        h = _layer(layer, h, index, b, length, key_mask, cls_rows if i == len(layers) - 1 else None)
+    return h
+
+
+def _layer(
+    layer: nn.Module,
+    h: torch.Tensor,
+    index: torch.Tensor | None,
+    b: int,
+    length: int,
+    key_mask: torch.Tensor,
+    cls_rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """One post-norm BertLayer on token rows ``h``; with ``cls_rows``, return only those rows."""
+    att = layer.attention.self
+    heads, d = att.num_attention_heads, att.attention_head_size
+    hidden = heads * d
+    w = torch.cat([att.query.weight, att.key.weight, att.value.weight])
+    bias = torch.cat([att.query.bias, att.key.bias, att.value.bias])
+    if cls_rows is None:
+        qkv = F.linear(h, w, bias)
+        q_rows, kv = qkv[:, :hidden], qkv[:, hidden:]
+        residual = h
+    else:  # last layer: keys and values for every token, a query for [CLS] only
+        residual = h.index_select(0, cls_rows)
+        kv = F.linear(h, w[hidden:], bias[hidden:])
+        q_rows = F.linear(residual, w[:hidden], bias[:hidden])
+    kv = _pad(kv, index, b, length).view(b, length, 2, heads, d)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    if cls_rows is None:
+        q = _pad(q_rows, index, b, length).view(b, length, heads, d).transpose(1, 2)
+    else:
+        q = q_rows.view(b, 1, heads, d).transpose(1, 2)
+    ctx = _attention(q, k, v, key_mask, att.dropout.p if att.training else 0.0, att.scaling)
+    ctx = ctx.transpose(1, 2).reshape(b * q.shape[2], hidden)
+    if cls_rows is None and index is not None:
+        ctx = ctx.index_select(0, index)
+    out = layer.attention.output
+    a = out.LayerNorm(dropout(out.dense(ctx), out.dropout.p, out.training) + residual)
+    ffn = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a))
+    o = layer.output
+    return o.LayerNorm(dropout(o.dense(ffn), o.dropout.p, o.training) + a)
+
+
+def _pad(rows: torch.Tensor, index: torch.Tensor | None, b: int, length: int) -> torch.Tensor:
+    """Packed token rows back to the [b * length, ...] layout attention needs (zeros at padding)."""
+    if index is None:
+        return rows
+    padded = rows.new_zeros(b * length, rows.shape[1])
+    return padded.index_copy(0, index, rows)
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, p: float, scale: float
+) -> torch.Tensor:
+    if p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p, scale=scale)
+    # CPU training: SDPA would draw its dropout with bernoulli; the same math with cheaper masks.
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    probs = dropout(scores.softmax(dim=-1), p, True)
+    return torch.matmul(probs, v)
