@@ -152,3 +152,30 @@ def test_training_with_own_kernels_follows_transformers_forward(model_dir: Path)
     torch.testing.assert_close(own_losses, hf_losses, atol=1e-5, rtol=1e-4)
     for (name, p), q in zip(hf.named_parameters(), own.parameters(), strict=True):
         torch.testing.assert_close(q, p, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_word_embedding_gradient_buffer_equals_a_fresh_dense_gradient() -> None:
+    # Successive steps (set_to_none between), an accumulated step and a pad id in the batch: the
+    # reused buffer always holds what nn.Embedding's own backward gives.
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, padding_idx=0)
+    ref = torch.nn.Embedding(50, 8, padding_idx=0)
+    ref.load_state_dict(emb.state_dict())
+    g = torch.Generator().manual_seed(1)
+    steps = [[torch.randint(0, 50, (30,), generator=g)] for _ in range(3)]
+    steps.append([torch.randint(0, 50, (30,), generator=g) for _ in range(2)])  # accumulation
+    steps.append([torch.tensor([0, 0, 7, 7, 7])])
+    for batches in steps:
+        emb.weight.grad = ref.weight.grad = None
+        for ids in batches:
+            w = torch.randn(len(ids), 8, generator=g)
+            (packed_bert._word_embeddings(emb, ids) * w).sum().backward()
+            (ref(ids) * w).sum().backward()
+        torch.testing.assert_close(emb.weight.grad, ref.weight.grad, atol=1e-6, rtol=1e-6)
+        emb.weight.grad.mul_(0.5)  # clipping scales in place: zero rows stay zero
+    buffer = emb.__dict__["_tuneval_grad_buffer"]
+    assert emb.weight.grad is buffer.tensor  # reused, not reallocated
+    hooked = torch.nn.Embedding(50, 8)
+    hooked.weight.register_post_accumulate_grad_hook(lambda p: None)
+    packed_bert._word_embeddings(hooked, torch.tensor([1, 2])).sum().backward()
+    assert "_tuneval_grad_buffer" not in hooked.__dict__  # hooks must see AccumulateGrad: plain path
