@@ -155,6 +155,11 @@ def _assert_same_training(a, b, model_dir: Path) -> None:
         want, got = (load_file(str(x.ref.dir / "model" / part)) for x in (a, b))
         assert want.keys() == got.keys()
         for name in want:
+            if name.endswith("attention.self.key.bias"):
+                # Softmax ignores a shift shared by all keys, so this bias has no gradient: what it
+                # gets is ~1e-9 of float noise that depends on summation order (one batch of 8 vs
+                # two shards of 4), and Adam scales noise up to steps of ~lr/10. Nothing to compare.
+                continue
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
     loaded = load_file(str(model_dir / "bert" / "model.safetensors"))
     tuned = load_file(str(a.ref.dir / "model" / "backbone" / "model.safetensors"))

@@ -179,3 +179,16 @@ def test_word_embedding_gradient_buffer_equals_a_fresh_dense_gradient() -> None:
     hooked.weight.register_post_accumulate_grad_hook(lambda p: None)
     packed_bert._word_embeddings(hooked, torch.tensor([1, 2])).sum().backward()
     assert "_tuneval_grad_buffer" not in hooked.__dict__  # hooks must see AccumulateGrad: plain path
+
+
+def test_word_embedding_gradient_buffer_recovers_from_a_nan_clip() -> None:
+    # Clipping after a NaN multiplies every gradient by NaN, the untouched rows too: the next step
+    # must start from zeros again, not from the rows the last step wrote.
+    emb = torch.nn.Embedding(20, 4, padding_idx=0)
+    packed_bert._word_embeddings(emb, torch.tensor([3, 4])).sum().backward()
+    emb.weight.grad.mul_(float("nan"))
+    emb.weight.grad = None
+    packed_bert._word_embeddings(emb, torch.tensor([5])).sum().backward()
+    want = torch.zeros(20, 4)
+    want[5] = 1.0
+    torch.testing.assert_close(emb.weight.grad, want)

@@ -179,7 +179,9 @@ class _WordLookup(torch.autograd.Function):
     does), the buffer is zero except the rows the previous step wrote: clearing those and adding
     this batch's rows gives exactly the dense gradient a fresh zero tensor would. Otherwise
     (accumulation, or grads not set to None) it adds into the existing ``weight.grad``.
-    Clipping and unscaling scale ``.grad`` in place, which keeps the zero rows zero.
+    Clipping and unscaling scale ``.grad`` in place, which keeps the zero rows zero, except by a
+    NaN factor (clipping after a NaN anywhere): the padding row, never written, is the sentinel
+    that it stayed zero, and the whole buffer is cleared when it did not.
     """
 
     @staticmethod
@@ -194,13 +196,13 @@ class _WordLookup(torch.autograd.Function):
         weight, buf = ctx.weight, ctx.buffer
         grad_out = grad_out.reshape(-1, weight.shape[1]).to(weight.dtype)
         ids = ids.reshape(-1)
-        if ctx.padding_idx is not None and ctx.padding_idx >= 0:  # as nn.Embedding: no gradient for pad
-            grad_out = grad_out.masked_fill((ids == ctx.padding_idx)[:, None], 0.0)
+        # As nn.Embedding: no gradient for the padding row (which is also the buffer's sentinel).
+        grad_out = grad_out.masked_fill((ids == ctx.padding_idx)[:, None], 0.0)
         if weight.grad is None:
             t = buf.tensor
             if t is None or t.shape != weight.shape or t.dtype != weight.dtype or t.device != weight.device:
                 t = buf.tensor = torch.zeros_like(weight)
-            elif buf.rows is None:
+            elif buf.rows is None or not bool((t[ctx.padding_idx] == 0).all()):
                 t.zero_()
             else:
                 t.index_fill_(0, buf.rows, 0.0)
@@ -227,6 +229,9 @@ def _word_embeddings(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor
         or (torch.distributed.is_available() and torch.distributed.is_initialized())
         or torch.compiler.is_compiling()
         or embedding.max_norm is not None
+        # CPU only: the sentinel check reads the device, and on a GPU the zero-fill is cheap anyway.
+        or weight.device.type != "cpu"
+        or embedding.padding_idx is None
         or embedding.sparse
     )
     if plain:
