@@ -51,6 +51,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``tuneval`` executable: ``main``, then exit without the interpreter's teardown.
+
+    Freeing torch's, transformers', MLflow's and Prefect's module state at exit took 3.3 s of a
+    demo run (measured: wall time after ``main`` returned, 3.3 s vs 0.14 s with this), and nothing
+    in it matters once the atexit handlers (early server stop, MLflow, logging) have run and the
+    streams are flushed: artifacts are written and renamed before stages return. ``main`` itself
+    returns normally, for callers in-process (tests).
+    """
+    code = main()
+    import atexit
+    import threading
+
+    for t in threading.enumerate():  # what the interpreter's own exit would wait for
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def summary_table(groups: list[dict[str, Any]]) -> str:
     """Mean and 95% t-interval over seeds, one line per pipeline x model x benchmark x metric."""
     lines = ["", "over seeds (mean [95% CI], t-interval):"]
@@ -360,4 +382,4 @@ def results_table(results: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
