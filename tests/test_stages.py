@@ -69,6 +69,11 @@ def test_stages_cache_and_rerun_only_what_changed(project: Path) -> None:
     [other_seed] = runs_of(project, lambda r: r["pipelines"]["smoke"].update(seeds=[2]))
     assert not all_cached([other_seed], settings)
     runs_of(project, lambda r: r["pipelines"]["smoke"].update(seeds=[1]))
+    # transformers' forward draws other dropout masks than tuneval's kernels: another finetune.
+    [hf_run] = runs_of(project, lambda r: r["pipelines"]["smoke"]["train"].update(encoder_kernels="transformers"))
+    assert not all_cached([hf_run], settings)
+    runs_of(project, lambda r: r["pipelines"]["smoke"]["train"].update(encoder_kernels="tuneval"))
+    assert all_cached([speed_run], settings)
 
     [len_run] = runs_of(project, lambda r: r["benchmarks"]["toy"].update(max_length=6))
     assert statuses(all_stages(len_run, settings)) == {

@@ -305,6 +305,8 @@ def predict(
     def build(out: Path) -> dict[str, Any]:
         problem = problems.get(run.benchmark.problem)
         model, tokenizer, info = problem.load_model(tuned.dir / "model")
+        if hasattr(model, "own_kernels"):  # the forward the model was trained with, here too
+            model.own_kernels = run.train.encoder_kernels == "tuneval"
         info = {**info, **options}
         rt = _runtime(run, settings, tuned.meta()["precision"], progress)
         table = problem.predict(model, tokenizer, data.open_split(prepared.path, "test"), info, rt)

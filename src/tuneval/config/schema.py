@@ -66,7 +66,8 @@ class TrainSettings(Strict):
     )
     encoder_kernels: Literal["tuneval", "transformers"] = Field(
         "tuneval",
-        description="classification with a BERT-family encoder: 'tuneval' runs tuneval's own forward "
+        description="classification with a BERT-family encoder: 'tuneval' trains, evaluates and predicts "
+        "with tuneval's own forward "
         "(padding dropped on CPU, one Q/K/V matmul, the last layer for [CLS] only, cheaper CPU dropout "
         "masks): the same function as transformers' to float rounding, but with dropout on it draws "
         "other masks, so a run is another sample of the recipe; 'transformers' = the model's own forward",
