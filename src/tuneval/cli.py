@@ -68,8 +68,11 @@ def entry() -> None:
         if t is not threading.current_thread() and not t.daemon:
             t.join()
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`tuneval ... | head`): nothing left to write to
+            pass
     os._exit(code)
 
 
