@@ -154,3 +154,21 @@ def test_bad_data_is_one_clear_error(project: Path, case, setup, expected) -> No
     assert "\n" not in message
     for part in expected:
         assert part in message, f"{case}: {part!r} not in {message!r}"
+
+
+def test_encoder_kernels_key_only_classification(project: Path) -> None:
+    # The setting exists for every problem, but only classification has the kernels: QA and
+    # seq2seq keys must not change with it (nor have changed when it was introduced).
+    from tuneval.stages import finetune_key
+
+    settings = Settings.from_env(project, track=False)
+    [run] = runs_of(project)
+    prepared = prepare_task.fn(run, settings, load_task.fn(run, settings).ref).ref
+    hf = run.model_copy(update={"train": run.train.model_copy(update={"encoder_kernels": "transformers"})})
+    assert finetune_key(run, settings, prepared)[0] != finetune_key(hf, settings, prepared)[0]
+    for other in ("extractive_qa", "seq2seq"):
+        as_other = [
+            r.model_copy(update={"benchmark": r.benchmark.model_copy(update={"problem": other})}) for r in (run, hf)
+        ]
+        keys = [finetune_key(r, settings, prepared) for r in as_other]
+        assert keys[0][0] == keys[1][0] and "encoder_kernels" not in keys[0][1]["spec"]["train"]

@@ -162,7 +162,10 @@ def hashed_dropout(run: RunSpec, settings: Settings) -> bool:
 def finetune_key(run: RunSpec, settings: Settings, prepared: ArtifactRef) -> tuple[str, dict[str, Any]]:
     # Speed-only knobs stay out of the key: they do not change what is learned. fuse_seeds too:
     # fused and solo training agree to floating-point tolerance (tests/test_fused.py).
-    recipe = run.train.model_dump(mode="json", exclude=SPEED_ONLY | CAPS | {"fuse_seeds", "devices"})
+    exclude = SPEED_ONLY | CAPS | {"fuse_seeds", "devices"}
+    if run.benchmark.problem != "classification":  # only classification has tuneval's encoder kernels
+        exclude = exclude | {"encoder_kernels"}
+    recipe = run.train.model_dump(mode="json", exclude=exclude)
     spec: dict[str, Any] = {
         "train": recipe,
         "seed": run.seed,
