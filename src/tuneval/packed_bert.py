@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tuneval import hash_dropout
+
 # Model classes whose forward this module reproduces: absolute positions, post-norm layers.
 _SUPPORTED = {"BertModel"}
 
@@ -45,7 +47,7 @@ def supports(backbone: nn.Module, pooling: str) -> bool:
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         return False
     # Hashed (fused-seed) dropout replaces the nn.Dropout modules: then the transformers path runs.
-    if getattr(cfg, "_attn_implementation", None) == "tuneval_hash":
+    if getattr(cfg, "_attn_implementation", None) == hash_dropout.ATTN_NAME:
         return False
     return all(type(m) is nn.Dropout for m in backbone.modules() if isinstance(m, nn.Dropout))
 

@@ -179,6 +179,13 @@ def finetune_key(run: RunSpec, settings: Settings, prepared: ArtifactRef) -> tup
     return stage_key("finetune", CODE_VERSION["finetune"], spec, upstream)
 
 
+def use_encoder_kernels(model: Any, run: RunSpec) -> Any:
+    """Apply ``train.encoder_kernels`` to a model that has tuneval's own forward (classifiers)."""
+    if hasattr(model, "own_kernels"):
+        model.own_kernels = run.train.encoder_kernels == "tuneval"
+    return model
+
+
 def save_finetuned(
     problem: Any, model: Any, tokenizer: Any, out: Path, info: dict[str, Any], result: Any, device: Any
 ) -> dict[str, Any]:
@@ -256,7 +263,7 @@ def train_and_save(
     rt = _runtime(run, settings, run.train.precision, progress=False)  # a worker's settings name its own device
     training.seed_everything(run.seed)
     tokenizer = models.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
-    model = problem.build_model(run, tokenizer, info)
+    model = use_encoder_kernels(problem.build_model(run, tokenizer, info), run)
     hashed = hashed_dropout(run, settings)
     if hashed:
         hash_dropout.install(model, run.seed)
@@ -308,8 +315,7 @@ def predict(
     def build(out: Path) -> dict[str, Any]:
         problem = problems.get(run.benchmark.problem)
         model, tokenizer, info = problem.load_model(tuned.dir / "model")
-        if hasattr(model, "own_kernels"):  # the forward the model was trained with, here too
-            model.own_kernels = run.train.encoder_kernels == "tuneval"
+        model = use_encoder_kernels(model, run)  # predict with the forward the model trained with
         info = {**info, **options}
         rt = _runtime(run, settings, tuned.meta()["precision"], progress)
         table = problem.predict(model, tokenizer, data.open_split(prepared.path, "test"), info, rt)

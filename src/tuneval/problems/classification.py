@@ -144,9 +144,7 @@ def resolve_pooling(requested: str, config: Any) -> str:
 
 
 def build_model(run: Any, tokenizer: Any, info: dict[str, Any]) -> Classifier:
-    model = new_classifier(run.model_path, run.model, tokenizer, len(info["label_names"]), run.train.dropout)
-    model.own_kernels = run.train.encoder_kernels == "tuneval"
-    return model
+    return new_classifier(run.model_path, run.model, tokenizer, len(info["label_names"]), run.train.dropout)
 
 
 def new_classifier(
