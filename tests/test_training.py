@@ -12,7 +12,7 @@ from tuneval import models
 from tuneval.batching import PAD_LABEL, length_grouped_batches, make_collate, sorted_batches
 from tuneval.config.schema import TrainSettings
 from tuneval.problems import classification as clf
-from tuneval.training import build_optimizer, linear_schedule, train
+from tuneval.training import build_optimizer, clipped_step, linear_schedule, train
 
 
 def test_length_grouped_batches_cover_every_index_once_and_are_seeded() -> None:
@@ -227,3 +227,30 @@ def test_tuneval_loop_follows_a_plain_pytorch_loop(model_dir: Path) -> None:
     torch.testing.assert_close([h["loss"] for h in got.history], losses, atol=1e-5, rtol=1e-4)
     for (name, p), q in zip(ours.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e4], ids=["clipping", "under-the-norm"])
+def test_clipped_step_equals_clip_grad_norm_then_step(max_norm: float) -> None:
+    # Fused AdamW gets the clip factor as its grad_scale instead of a rewrite of every gradient:
+    # the weights must follow the textbook clip_grad_norm_ + per-tensor AdamW.
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+    ref.load_state_dict(ours.state_dict())
+    # A large eps makes Adam's step depend on the gradient's size, not only its direction.
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.01, eps=0.1, fused=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01, eps=0.1, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    norms = []
+    for _ in range(4):
+        x = torch.randn(32, 16) * 5
+        for model in (ours, ref):
+            model(x).pow(2).mean().backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)))
+        ref_opt.step()
+        ref_opt.zero_grad()
+        clipped_step(opt, scaler, ours, max_norm)
+        opt.zero_grad()
+        assert not hasattr(opt, "grad_scale")  # never left to scale a later, unclipped step
+        for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert (min(norms) > max_norm) == (max_norm < 1)  # the clipping case really clipped, the other did not

@@ -110,6 +110,33 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
+def clipped_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module, max_grad_norm: float | None
+) -> None:
+    """Clip the gradients' global 2-norm to ``max_grad_norm`` (as ``clip_grad_norm_``), then step.
+
+    A fused AdamW divides each gradient by its ``grad_scale`` as it reads it, so there clipping
+    costs only the norm: ``clip_grad_norm_`` would first rewrite every gradient in place, a pass
+    over all of them that was 2.7% of a MiniLM CPU step (interleaved A/B). The result equals
+    clip-then-step to float rounding (tests/test_training.py). fp16's GradScaler owns
+    ``grad_scale`` itself, so with it enabled the usual unscale-clip-step runs.
+    """
+    if max_grad_norm and not scaler.is_enabled() and optimizer.defaults.get("fused"):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        # clip_grad_norm_ multiplies by min(1, max / (norm + 1e-6)); dividing by its inverse is the same.
+        optimizer.grad_scale = torch.clamp((total + 1e-6) / max_grad_norm, min=1.0)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+        return
+    if max_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    scaler.step(optimizer)
+
+
 class NonFiniteLoss(TunevalError):
     """The loss became NaN or infinite."""
 
