@@ -15,13 +15,13 @@ from tuneval.problems import classification as clf
 from tuneval.training import train
 
 
-def _bert(dropout: float = 0.0) -> BertModel:
+def _bert(dropout: float = 0.0, heads: int = 4) -> BertModel:
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=90,
         hidden_size=48,
         num_hidden_layers=3,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         intermediate_size=96,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
@@ -62,12 +62,20 @@ def test_first_token_states_equal_bertmodel(padding: str, pack: bool, with_types
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_gradients_equal_bertmodel(pack: bool) -> None:
+@pytest.mark.parametrize(
+    ("pack", "heads", "padding"),
+    [
+        (True, 4, "right"),  # head size 12: torch ops on packed rows
+        (False, 4, "right"),  # the padded layout (CUDA's)
+        (True, 3, "right"),  # head size 16: the fused CPU kernels, where they build
+        (True, 3, "left"),
+    ],
+)
+def test_gradients_equal_bertmodel(pack: bool, heads: int, padding: str) -> None:
     # Training mode with dropout 0: every parameter's gradient, including the concatenated Q/K/V
     # weights' and the last layer's (computed for [CLS] only), matches transformers'.
-    bert = _bert().train()
-    ids, mask, types = _inputs("right")
+    bert = _bert(heads=heads).train()
+    ids, mask, types = _inputs(padding)
     target = torch.randn(5, 48, generator=torch.Generator().manual_seed(2))
 
     def grads(f) -> dict[str, torch.Tensor]:
@@ -77,6 +85,10 @@ def test_gradients_equal_bertmodel(pack: bool) -> None:
 
     want = grads(lambda: _reference(bert, ids, mask, types))
     got = grads(lambda: packed_bert.first_token_states(bert, ids, mask, types, pack=pack))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            packed_bert.first_token_states(bert, ids, mask, types, pack=pack), _reference(bert, ids, mask, types)
+        )
     assert set(got) == set(want) and len(got) > 30  # the pooler gets no gradient in either
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)

@@ -15,6 +15,10 @@ to float rounding, checked in tests/test_packed_bert.py), with four kinds of wor
   zero-fills the [vocab, hidden] gradient every step (13 ms of a 245 ms MiniLM step, profiled)
   although a batch touches a few hundred rows. Here one buffer is kept and only the rows the last
   step wrote are cleared (``_WordLookup``); the gradient is the same dense tensor.
+- **Fused CPU kernels while training** (``cpu_kernels``, ``native/cpu_fused.c``): attention runs
+  straight on the packed Q/K/V rows (scale, softmax over each sequence's own tokens, dropout) and
+  each sublayer's dropout + residual + LayerNorm is one pass each way, instead of chains of small
+  torch ops over a padded copy. Where they cannot be built, the torch ops below run.
 - **Cheaper dropout masks on CPU**: torch's CPU bernoulli was 9% of a MiniLM step (profiled);
   here 64 random bits give four 16-bit uniforms, so p is rounded to a multiple of 1/65536
   (0.1 -> 0.1000061) and the kept values are scaled by 1/(1 - that p). Masks come from torch's
@@ -31,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuneval import hash_dropout
+from tuneval import cpu_kernels, hash_dropout
 
 # Model classes whose forward this module reproduces: absolute positions, post-norm layers.
 _SUPPORTED = {"BertModel"}
@@ -101,9 +105,50 @@ def first_token_states(
         cls_rows = torch.arange(b, device=input_ids.device) * length + real.int().argmax(dim=1)
     key_mask = real[:, None, None, :]  # [b, 1, 1, length]: True = attend
     layers = list(bert.encoder.layer)
+    # The fused CPU kernels pay while training (dropout, saved activations); for inference SDPA's
+    # CPU flash kernel was faster (interleaved A/B, batches of 64: 269 vs 289 ms).
+    att = layers[0].attention.self
+    train = bert.training and torch.is_grad_enabled()
+    if index is not None and train and att.attention_head_size % 8 == 0 and cpu_kernels.available(h):
+        segments = (cpu_kernels.Segments.of(lengths), cpu_kernels.Segments.of(lengths, "first"))
+        for i, layer in enumerate(layers):
+            h = _fused_layer(layer, h, segments, cls_rows if i == len(layers) - 1 else None)
+        return h
     for i, layer in enumerate(layers):
         h = _layer(layer, h, index, b, length, key_mask, cls_rows if i == len(layers) - 1 else None)
     return h
+
+
+def _fused_layer(
+    layer: nn.Module,
+    h: torch.Tensor,
+    segments: tuple[cpu_kernels.Segments, cpu_kernels.Segments],
+    cls_rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """``_layer`` on packed CPU rows with the fused kernels: attention straight on the packed
+    Q/K/V rows, and each sublayer's dropout + residual + LayerNorm in one pass."""
+    att = layer.attention.self
+    heads, d = att.num_attention_heads, att.attention_head_size
+    hidden = heads * d
+    w = torch.cat([att.query.weight, att.key.weight, att.value.weight])
+    bias = torch.cat([att.query.bias, att.key.bias, att.value.bias])
+    p = att.dropout.p
+    if cls_rows is None:
+        residual = h
+        qkv = F.linear(h, w, bias)
+        ctx = cpu_kernels.attention(
+            None, qkv, (0, hidden, 2 * hidden), segments[0], heads, d, att.scaling, p, att.training
+        )
+    else:  # last layer: keys and values for every token, a query for [CLS] only
+        residual = h.index_select(0, cls_rows)
+        kv = F.linear(h, w[hidden:], bias[hidden:])
+        q_rows = F.linear(residual, w[:hidden], bias[:hidden])
+        ctx = cpu_kernels.attention(q_rows, kv, (0, 0, hidden), segments[1], heads, d, att.scaling, p, att.training)
+    out = layer.attention.output
+    a = cpu_kernels.dropout_add_norm(out.dense(ctx), residual, out.LayerNorm, out.dropout.p, out.training)
+    ffn = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a))
+    o = layer.output
+    return cpu_kernels.dropout_add_norm(o.dense(ffn), a, o.LayerNorm, o.dropout.p, o.training)
 
 
 def _layer(

@@ -40,6 +40,9 @@ SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "k
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
+# tuneval's encoder kernels (packed_bert, native/cpu_fused.c) draw their own CPU dropout masks:
+# a change to how they draw them (2: hashed per element in the fused kernels) is another result.
+ENCODER_KERNELS_VERSION = 2
 CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 3, "predict": 2, "score": 3}
 
 
@@ -175,6 +178,8 @@ def finetune_key(run: RunSpec, settings: Settings, prepared: ArtifactRef) -> tup
         spec["devices"] = run.train.devices
     if hashed_dropout(run, settings):
         spec["dropout_masks"] = "hash"  # other masks than torch's dropout: another result
+    elif run.benchmark.problem == "classification" and run.train.encoder_kernels == "tuneval":
+        spec["encoder_kernels_version"] = ENCODER_KERNELS_VERSION
     upstream = {"prepare": prepared.fingerprint, "model": models.files_fingerprint(run.model_path, run.model.revision)}
     return stage_key("finetune", CODE_VERSION["finetune"], spec, upstream)
 

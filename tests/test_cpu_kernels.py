@@ -1,0 +1,175 @@
+"""The fused CPU kernels (src/tuneval/native/cpu_fused.c) against the torch ops they replace."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuneval import cpu_kernels as ck
+from tuneval import native
+
+BUILDABLE = (
+    sys.platform == "linux"
+    and platform.machine() == "x86_64"
+    and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    and shutil.which(os.environ.get("CC") or "cc") is not None
+)
+pytestmark = pytest.mark.skipif(not BUILDABLE, reason="needs x86-64 Linux with AVX2 and a C compiler")
+
+
+def test_the_kernels_build_and_load_here() -> None:
+    # Where they can be built they must be: otherwise every CPU run silently takes the slow path.
+    assert native.library() is not None
+    assert ck.available(torch.zeros(1))
+    assert not ck.available(torch.zeros(1, dtype=torch.float64))
+
+
+def test_build_is_cached_by_source_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEVAL_NATIVE_CACHE", str(tmp_path))
+    first = native.build()
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    with pytest.raises(OSError, match="no C compiler"):
+        native.build(compiler="no-such-cc-here")
+
+
+def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEVAL_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert not ck.available(torch.zeros(1))
+    finally:
+        native.library.cache_clear()
+
+
+def _keep(seed: int, start: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
+    thresh, scale = ck.threshold(p, True)
+    n = 1
+    for s in shape:
+        n *= s
+    if not thresh:
+        return torch.ones(shape)
+    return ck.keep_reference(seed, start, n, thresh).view(shape).float() * scale
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("training", [True, False])
+def test_dropout_add_norm_matches_torch(p: float, training: bool) -> None:
+    torch.manual_seed(0)
+    rows, hidden, seed = 45, 40, 0x1234_5678_9ABC
+    y = torch.randn(rows, hidden, requires_grad=True)
+    r = torch.randn(rows, hidden, requires_grad=True)
+    norm = torch.nn.LayerNorm(hidden, eps=1e-12)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    got = ck.dropout_add_norm(y, r, norm, p, training, seed=seed)
+    keep = _keep(seed, 0, (rows, hidden), p) if training else torch.ones(rows, hidden)
+    want = norm(y * keep + r)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn(rows, hidden)
+    params = (y, r, norm.weight, norm.bias)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_masks_keep_one_minus_p_are_seeded_and_fresh_per_call() -> None:
+    x = torch.ones(1000, 1000)
+    norm = torch.nn.LayerNorm(1000, elementwise_affine=True)
+    torch.manual_seed(3)
+    a = ck.dropout_add_norm(x, torch.zeros_like(x), norm, 0.25, True)
+    b = ck.dropout_add_norm(x, torch.zeros_like(x), norm, 0.25, True)
+    torch.manual_seed(3)
+    a2 = ck.dropout_add_norm(x, torch.zeros_like(x), norm, 0.25, True)
+    torch.testing.assert_close(a, a2, rtol=0, atol=0)  # the seed comes from torch's generator
+    assert not torch.equal(a, b)  # each call draws a new mask
+    # Dropped entries are the row minimum after LayerNorm (x was all ones): count them.
+    dropped = (a == a.min(dim=1, keepdim=True).values).float().mean().item()
+    assert abs(dropped - 0.25) < 0.005  # 1e6 draws: 5 standard deviations is 0.0022
+    # Neighbouring elements are not correlated (a weak hash would show it here).
+    kept = (a != a.min(dim=1, keepdim=True).values).float().view(-1)
+    corr = torch.corrcoef(torch.stack([kept[:-1], kept[1:]]))[0, 1].item()
+    assert abs(corr) < 0.01
+
+
+def _reference_attention(q_rows, kv, cols, lengths, heads, d, scale, keep):
+    """Padded-free torch attention, one sequence and head at a time, with the kernels' masks."""
+    outs, start, off = [], 0, 0
+    for b, n in enumerate(lengths):
+        rows = kv[start : start + n]
+        q = rows[:, cols[0] : cols[0] + heads * d] if q_rows is None else q_rows[b : b + 1]
+        k = rows[:, cols[1] : cols[1] + heads * d].view(n, heads, d).transpose(0, 1)
+        v = rows[:, cols[2] : cols[2] + heads * d].view(n, heads, d).transpose(0, 1)
+        lq = q.shape[0]
+        qh = q.reshape(lq, heads, d).transpose(0, 1)
+        probs = torch.softmax(qh @ k.transpose(1, 2) * scale, dim=-1)
+        size = heads * lq * n
+        o = (probs * keep[off : off + size].view(heads, lq, n)) @ v
+        outs.append(o.transpose(0, 1).reshape(lq, heads * d))
+        start, off = start + n, off + size
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("d", [32, 64, 16])  # 32 and 64 have their own compiled code; 16 the generic loop
+@pytest.mark.parametrize("queries", ["all", "first"])
+def test_packed_attention_matches_torch(p: float, d: int, queries: str) -> None:
+    torch.manual_seed(1)
+    heads, lengths, seed = 3, [5, 1, 8, 2, 33], 987_654_321_987
+    width = heads * d
+    total = sum(lengths)
+    seg = ck.Segments.of(torch.tensor(lengths), queries)
+    if queries == "all":  # one fused Q/K/V matrix, as a layer computes it
+        kv = torch.randn(total, 3 * width, requires_grad=True)
+        q_rows, cols, inputs = None, (0, width, 2 * width), (kv,)
+    else:  # the last layer: a query for each sequence's first token, keys and values for all
+        kv = torch.randn(total, 2 * width, requires_grad=True)
+        q_rows = torch.randn(len(lengths), width, requires_grad=True)
+        cols, inputs = (0, 0, width), (q_rows, kv)
+    scale = d**-0.5
+    got = ck.attention(q_rows, kv, cols, seg, heads, d, scale, p, True, seed=seed)
+    n_probs = seg.prob_offsets(heads)[1]
+    keep = _keep(seed, 0, (n_probs,), p)
+    want = _reference_attention(q_rows, kv, cols, lengths, heads, d, scale, keep)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rejects_mismatched_segments() -> None:
+    kv = torch.randn(10, 3 * 32)
+    with pytest.raises(ValueError, match="segments"):
+        ck.attention(None, kv, (0, 32, 64), ck.Segments.of(torch.tensor([4, 5])), 1, 32, 1.0, 0.0, False)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ck.attention(None, kv, (0, 36, 72), ck.Segments.of(torch.tensor([10])), 3, 12, 1.0, 0.0, False)
+
+
+def test_attention_agrees_with_sdpa_without_dropout() -> None:
+    # An independent reference: torch's own scaled_dot_product_attention on the padded batch.
+    torch.manual_seed(2)
+    heads, d, lengths = 4, 32, [7, 3, 12]
+    b, length, width = len(lengths), max(lengths), heads * d
+    qkv = torch.randn(sum(lengths), 3 * width)
+    got = ck.attention(
+        None, qkv, (0, width, 2 * width), ck.Segments.of(torch.tensor(lengths)), heads, d, 0.2, 0.0, False
+    )
+    padded = torch.zeros(b, length, 3 * width)
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    start = 0
+    for i, n in enumerate(lengths):
+        padded[i, :n], mask[i, :n] = qkv[start : start + n], True
+        start += n
+    q, k, v = (padded[..., j * width : (j + 1) * width].view(b, length, heads, d).transpose(1, 2) for j in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=0.2)
+    ref = ref.transpose(1, 2).reshape(b, length, width)[mask]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
