@@ -184,6 +184,11 @@ def test_word_embedding_gradient_buffer_equals_a_fresh_dense_gradient() -> None:
             (packed_bert._word_embeddings(emb, ids) * w).sum().backward()
             (ref(ids) * w).sum().backward()
         torch.testing.assert_close(emb.weight.grad, ref.weight.grad, atol=1e-6, rtol=1e-6)
+        # Clipping reads only the written rows: every row outside them must be zero.
+        rows = packed_bert.written_rows(emb.weight.grad)
+        outside = torch.ones(50, dtype=torch.bool)
+        outside[rows] = False
+        assert rows is not None and not emb.weight.grad[outside].any()
         emb.weight.grad.mul_(0.5)  # clipping scales in place: zero rows stay zero
     buffer = emb.__dict__["_tuneval_grad_buffer"]
     assert emb.weight.grad is buffer.tensor  # reused, not reallocated
@@ -191,6 +196,7 @@ def test_word_embedding_gradient_buffer_equals_a_fresh_dense_gradient() -> None:
     hooked.weight.register_post_accumulate_grad_hook(lambda p: None)
     packed_bert._word_embeddings(hooked, torch.tensor([1, 2])).sum().backward()
     assert "_tuneval_grad_buffer" not in hooked.__dict__  # hooks must see AccumulateGrad: plain path
+    assert packed_bert.written_rows(hooked.weight.grad) is None  # unknown: clipping reads it all
 
 
 def test_word_embedding_gradient_buffer_recovers_from_a_nan_clip() -> None:

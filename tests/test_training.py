@@ -11,8 +11,9 @@ import torch
 from tuneval import models
 from tuneval.batching import PAD_LABEL, length_grouped_batches, make_collate, sorted_batches
 from tuneval.config.schema import TrainSettings
+from tuneval.packed_bert import written_rows
 from tuneval.problems import classification as clf
-from tuneval.training import build_optimizer, clipped_step, linear_schedule, train
+from tuneval.training import _total_norm, build_optimizer, clipped_step, linear_schedule, train
 
 
 def test_length_grouped_batches_cover_every_index_once_and_are_seeded() -> None:
@@ -254,3 +255,12 @@ def test_clipped_step_equals_clip_grad_norm_then_step(max_norm: float) -> None:
         for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert (min(norms) > max_norm) == (max_norm < 1)  # the clipping case really clipped, the other did not
+
+
+def test_total_norm_reads_only_written_embedding_rows_and_equals_the_full_norm(model_dir: Path) -> None:
+    ds, tok = _toy_dataset(model_dir)
+    model = _model(model_dir).train()
+    clf.loss_fn(model, make_collate(tok.pad_token_id, "right")([ds[i] for i in range(8)])).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert sum(written_rows(g) is not None for g in grads) == 1  # the word embedding's reused buffer
+    torch.testing.assert_close(_total_norm(grads), torch.nn.utils.get_total_norm(grads), rtol=1e-6, atol=0)

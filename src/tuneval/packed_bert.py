@@ -31,6 +31,8 @@ recipe), which is why ``train.encoder_kernels`` is part of the finetune cache ke
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -211,6 +213,16 @@ def _attention(
     return torch.matmul(probs, v)
 
 
+def written_rows(grad: torch.Tensor) -> torch.Tensor | None:
+    """The rows outside which ``grad`` is known to be zero (a reused word-embedding gradient, see
+    ``_WordLookup``), or None when that is not known. Clipping reads these rows, not 30k."""
+    ref = getattr(grad, "_tuneval_grad_buffer", None)
+    buf = ref() if ref is not None else None
+    if buf is None or buf.tensor is not grad or buf.rows is None:
+        return None
+    return buf.rows
+
+
 class _GradBuffer:
     """A word-embedding gradient kept between steps, and the rows its last use wrote."""
 
@@ -249,6 +261,7 @@ class _WordLookup(torch.autograd.Function):
             t = buf.tensor
             if t is None or t.shape != weight.shape or t.dtype != weight.dtype or t.device != weight.device:
                 t = buf.tensor = torch.zeros_like(weight)
+                t._tuneval_grad_buffer = weakref.ref(buf)  # for written_rows()
             elif buf.rows is None or not bool((t[ctx.padding_idx] == 0).all()):
                 t.zero_()
             else:

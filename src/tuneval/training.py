@@ -110,6 +110,18 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together, as ``get_total_norm``, reading only the written rows of
+    a reused word-embedding gradient (the rest is zero): 47 of MiniLM's 91 MB of gradients."""
+    from tuneval.packed_bert import written_rows
+
+    norms = []
+    for g in grads:
+        rows = written_rows(g)
+        norms.append(torch.linalg.vector_norm(g if rows is None else g.index_select(0, rows.unique())))
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def clipped_step(
     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module, max_grad_norm: float | None
 ) -> None:
@@ -123,7 +135,7 @@ def clipped_step(
     """
     if max_grad_norm and not scaler.is_enabled() and optimizer.defaults.get("fused"):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads)
+        total = _total_norm(grads)
         # clip_grad_norm_ multiplies by min(1, max / (norm + 1e-6)); dividing by its inverse is the same.
         optimizer.grad_scale = torch.clamp((total + 1e-6) / max_grad_norm, min=1.0)
         try:
