@@ -189,8 +189,10 @@ def test_fusion_off_keeps_the_solo_key(project: Path) -> None:
     prepared = prepare_task.fn(off, settings, load_task.fn(off, settings).ref).ref
     key_off, parts_off = stages.finetune_key(off, settings, prepared)
     key_on, parts_on = stages.finetune_key(on, settings, prepared)
-    # Only the dropout scheme separates them, never the switch itself.
+    # Only the dropout scheme separates them (hashed masks vs those of tuneval's encoder kernels),
+    # never the switch itself.
     assert key_off != key_on and parts_on["spec"].pop("dropout_masks") == "hash"
+    assert parts_off["spec"].pop("encoder_kernels_version") == stages.ENCODER_KERNELS_VERSION
     assert parts_on["spec"] == parts_off["spec"] and "fuse_seeds" not in parts_on["spec"]["train"]
 
 
