@@ -154,6 +154,15 @@ def test_attention_rejects_mismatched_segments() -> None:
         ck.attention(None, kv, (0, 36, 72), ck.Segments.of(torch.tensor([10])), 3, 12, 1.0, 0.0, False)
 
 
+def test_other_dtypes_are_refused_not_read_as_float32() -> None:
+    norm = torch.nn.LayerNorm(8)
+    half = torch.randn(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float32"):
+        ck.dropout_add_norm(half, torch.randn(4, 8), norm, 0.0, False)
+    with pytest.raises(TypeError, match="float32"):
+        ck.attention(None, half.repeat(1, 3), (0, 8, 16), ck.Segments.of(torch.tensor([4])), 1, 8, 1.0, 0.0, False)
+
+
 def test_attention_agrees_with_sdpa_without_dropout() -> None:
     # An independent reference: torch's own scaled_dot_product_attention on the padded batch.
     torch.manual_seed(2)

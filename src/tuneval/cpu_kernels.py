@@ -27,6 +27,13 @@ def available(*tensors: torch.Tensor) -> bool:
     return native.library() is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
+def _check(*tensors: torch.Tensor | None) -> None:
+    # The kernels read raw float32 memory: anything else must fail here, not corrupt memory there.
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise TypeError(f"fused CPU kernels take float32 CPU tensors, got {t.dtype} on {t.device}")
+
+
 def threshold(p: float, training: bool) -> tuple[int, float]:
     """(16-bit drop threshold, scale of kept values); (0, 1.0) = no dropout."""
     t = round(p * 65536) if training else 0
@@ -93,6 +100,12 @@ def dropout_add_norm(
     y: torch.Tensor, residual: torch.Tensor, norm: torch.nn.LayerNorm, p: float, training: bool, seed: int | None = None
 ) -> torch.Tensor:
     """``norm(dropout(y) + residual)`` over rows [tokens, hidden] in one pass each way."""
+    _check(y, residual, norm.weight, norm.bias)
+    if y.shape != residual.shape or y.dim() != 2 or norm.weight.shape != (y.shape[1],):
+        raise ValueError(
+            f"dropout_add_norm: shapes {tuple(y.shape)}, {tuple(residual.shape)} and a norm over "
+            f"{tuple(norm.weight.shape)} do not fit"
+        )
     thresh, dscale = threshold(p, training)
     if seed is None:
         seed = draw_seed() if thresh else 0
@@ -183,6 +196,7 @@ def attention(
     queries are ``queries`` at column ``cols[0]``, or, when None, columns ``cols[0]`` of ``kv`` itself
     (one fused Q/K/V matrix, whose gradient then comes back as one tensor).
     """
+    _check(queries, kv)
     if kv.stride(1) != 1 or (queries is not None and queries.stride(1) != 1):
         raise ValueError("attention: rows must be contiguous")
     if d % 8:

@@ -110,7 +110,8 @@ def first_token_states(
     # The fused CPU kernels pay while training (dropout, saved activations); for inference SDPA's
     # CPU flash kernel was faster (interleaved A/B, batches of 64: 269 vs 289 ms).
     att = layers[0].attention.self
-    train = bert.training and torch.is_grad_enabled()
+    # Autocast would hand them bf16/fp16 activations: float32 kernels, so not under autocast.
+    train = bert.training and torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
     if index is not None and train and att.attention_head_size % 8 == 0 and cpu_kernels.available(h):
         segments = (cpu_kernels.Segments.of(lengths), cpu_kernels.Segments.of(lengths, "first"))
         for i, layer in enumerate(layers):
