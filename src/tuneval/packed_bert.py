@@ -32,6 +32,7 @@ recipe), which is why ``train.encoder_kernels`` is part of the finetune cache ke
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -132,26 +133,11 @@ def _fused_layer(
     Q/K/V rows, and each sublayer's dropout + residual + LayerNorm in one pass."""
     att = layer.attention.self
     heads, d = att.num_attention_heads, att.attention_head_size
-    hidden = heads * d
-    w = torch.cat([att.query.weight, att.key.weight, att.value.weight])
-    bias = torch.cat([att.query.bias, att.key.bias, att.value.bias])
-    p = att.dropout.p
-    if cls_rows is None:
-        residual = h
-        qkv = F.linear(h, w, bias)
-        ctx = cpu_kernels.attention(
-            None, qkv, (0, hidden, 2 * hidden), segments[0], heads, d, att.scaling, p, att.training
-        )
-    else:  # last layer: keys and values for every token, a query for [CLS] only
-        residual = h.index_select(0, cls_rows)
-        kv = F.linear(h, w[hidden:], bias[hidden:])
-        q_rows = F.linear(residual, w[:hidden], bias[:hidden])
-        ctx = cpu_kernels.attention(q_rows, kv, (0, 0, hidden), segments[1], heads, d, att.scaling, p, att.training)
-    out = layer.attention.output
-    a = cpu_kernels.dropout_add_norm(out.dense(ctx), residual, out.LayerNorm, out.dropout.p, out.training)
-    ffn = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a))
-    o = layer.output
-    return cpu_kernels.dropout_add_norm(o.dense(ffn), a, o.LayerNorm, o.dropout.p, o.training)
+    residual, queries, kv = _projections(att, h, cls_rows)
+    # Without [CLS] queries kv is the whole Q|K|V matrix; with them, K|V.
+    cols, seg = ((0, heads * d, 2 * heads * d), segments[0]) if queries is None else ((0, 0, heads * d), segments[1])
+    ctx = cpu_kernels.attention(queries, kv, cols, seg, heads, d, att.scaling, att.dropout.p, att.training)
+    return _after_attention(layer, ctx, residual, _fused_add_norm)
 
 
 def _layer(
@@ -167,16 +153,11 @@ def _layer(
     att = layer.attention.self
     heads, d = att.num_attention_heads, att.attention_head_size
     hidden = heads * d
-    w = torch.cat([att.query.weight, att.key.weight, att.value.weight])
-    bias = torch.cat([att.query.bias, att.key.bias, att.value.bias])
-    if cls_rows is None:
-        qkv = F.linear(h, w, bias)
-        q_rows, kv = qkv[:, :hidden], qkv[:, hidden:]
-        residual = h
-    else:  # last layer: keys and values for every token, a query for [CLS] only
-        residual = h.index_select(0, cls_rows)
-        kv = F.linear(h, w[hidden:], bias[hidden:])
-        q_rows = F.linear(residual, w[:hidden], bias[:hidden])
+    residual, queries, kv = _projections(att, h, cls_rows)
+    if queries is None:
+        q_rows, kv = kv[:, :hidden], kv[:, hidden:]
+    else:
+        q_rows = queries
     kv = _pad(kv, index, b, length).view(b, length, 2, heads, d)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     if cls_rows is None:
@@ -187,11 +168,44 @@ def _layer(
     ctx = ctx.transpose(1, 2).reshape(b * q.shape[2], hidden)
     if cls_rows is None and index is not None:
         ctx = ctx.index_select(0, index)
-    out = layer.attention.output
-    a = out.LayerNorm(dropout(out.dense(ctx), out.dropout.p, out.training) + residual)
+    return _after_attention(layer, ctx, residual, _add_norm)
+
+
+def _projections(
+    att: nn.Module, h: torch.Tensor, cls_rows: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A layer's Q/K/V projections in one matmul: (residual, queries, kv).
+
+    Without ``cls_rows``: queries is None and kv the [tokens, 3 * hidden] Q|K|V matrix. With them
+    (the last layer): queries for those rows only, and kv the K|V of every token.
+    """
+    hidden = att.num_attention_heads * att.attention_head_size
+    w = torch.cat([att.query.weight, att.key.weight, att.value.weight])
+    bias = torch.cat([att.query.bias, att.key.bias, att.value.bias])
+    if cls_rows is None:
+        return h, None, F.linear(h, w, bias)
+    residual = h.index_select(0, cls_rows)
+    return residual, F.linear(residual, w[:hidden], bias[:hidden]), F.linear(h, w[hidden:], bias[hidden:])
+
+
+def _add_norm(y: torch.Tensor, residual: torch.Tensor, sub: nn.Module) -> torch.Tensor:
+    return sub.LayerNorm(dropout(y, sub.dropout.p, sub.training) + residual)
+
+
+def _fused_add_norm(y: torch.Tensor, residual: torch.Tensor, sub: nn.Module) -> torch.Tensor:
+    return cpu_kernels.dropout_add_norm(y, residual, sub.LayerNorm, sub.dropout.p, sub.training)
+
+
+def _after_attention(
+    layer: nn.Module,
+    ctx: torch.Tensor,
+    residual: torch.Tensor,
+    add_norm: Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor],
+) -> torch.Tensor:
+    """The attention output projection and the FFN, each closed by dropout + residual + LayerNorm."""
+    a = add_norm(layer.attention.output.dense(ctx), residual, layer.attention.output)
     ffn = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a))
-    o = layer.output
-    return o.LayerNorm(dropout(o.dense(ffn), o.dropout.p, o.training) + a)
+    return add_norm(layer.output.dense(ffn), a, layer.output)
 
 
 def _pad(rows: torch.Tensor, index: torch.Tensor | None, b: int, length: int) -> torch.Tensor:
