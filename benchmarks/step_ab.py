@@ -6,11 +6,12 @@
 On a shared machine whose speed drifts by tens of percent within minutes, separate runs cannot
 resolve a 5% lever; here every batch is trained once by each variant in turn (same model, same
 batches), so a slow spell hits all variants alike, and the table shows each variant's median step
-and its ratio to the first. Variants:
+and its ratio to the first. The order of the variants alternates from batch to batch. Variants:
 
 - ``tuneval``: the default: tuneval's encoder forward with the fused CPU kernels, clipping folded
   into fused AdamW (``training.clipped_step``);
 - ``torch-ops``: the same forward on torch ops (the fallback where the kernels cannot be built);
+- ``torch-gelu``: the kernels, but the FFN's linear + GELU as torch ops (not ``linear_gelu``);
 - ``clip-then-step``: the kernels, with ``clip_grad_norm_`` rewriting every gradient before the step;
 - ``transformers``: transformers' BertModel forward, ``clip_grad_norm_`` then step.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("tuneval", "torch-ops", "clip-then-step", "transformers")
+VARIANTS = ("tuneval", "torch-ops", "torch-gelu", "clip-then-step", "transformers")
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     import speed
     import torch
 
-    from tuneval import cpu_kernels, cpu_memory
+    from tuneval import cpu_kernels, cpu_memory, packed_bert
     from tuneval.batching import length_grouped_batches, make_collate
     from tuneval.config.schema import TrainSettings
     from tuneval.problems.classification import loss_fn
@@ -64,26 +65,29 @@ def main() -> None:
     optimizer = build_optimizer(model, TrainSettings(learning_rate=1e-6), torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.train()
-    available = cpu_kernels.available
+    available, erf_gelu = cpu_kernels.available, packed_bert._is_erf_gelu
 
     def step(batch: dict, variant: str) -> None:
         model.own_kernels = variant != "transformers"
         cpu_kernels.available = (lambda *t: False) if variant == "torch-ops" else available
+        packed_bert._is_erf_gelu = (lambda act: False) if variant == "torch-gelu" else erf_gelu
         try:
             loss_fn(model, batch).backward()
-            if variant in ("tuneval", "torch-ops"):
+            if variant in ("tuneval", "torch-ops", "torch-gelu"):
                 clipped_step(optimizer, scaler, model, 1.0)
             else:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         finally:
-            cpu_kernels.available = available
+            cpu_kernels.available, packed_bert._is_erf_gelu = available, erf_gelu
 
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.rounds):
         for i, batch in enumerate(batches):
-            for n in names:
+            # The order alternates: a variant's step time depended on its place in the round by
+            # 2-5% (the same two variants measured in both orders), which would bias the ratios.
+            for n in names if i % 2 == 0 else names[::-1]:
                 start = time.perf_counter()
                 step(batch, n)
                 if i >= 3:  # the first steps warm allocators and caches

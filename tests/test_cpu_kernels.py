@@ -161,6 +161,8 @@ def test_other_dtypes_are_refused_not_read_as_float32() -> None:
         ck.dropout_add_norm(half, torch.randn(4, 8), norm, 0.0, False)
     with pytest.raises(TypeError, match="float32"):
         ck.attention(None, half.repeat(1, 3), (0, 8, 16), ck.Segments.of(torch.tensor([4])), 1, 8, 1.0, 0.0, False)
+    with pytest.raises(TypeError, match="float32"):
+        ck.linear_gelu(half, torch.nn.Linear(8, 8))
 
 
 def test_attention_agrees_with_sdpa_without_dropout() -> None:
@@ -182,3 +184,43 @@ def test_attention_agrees_with_sdpa_without_dropout() -> None:
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=0.2)
     ref = ref.transpose(1, 2).reshape(b, length, width)[mask]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("rows", "width", "spread"),
+    [
+        (37, 48, 1.0),  # rows that do not split evenly over threads
+        (5, 13, 4.0),  # a width that is not a multiple of 8: the tail lanes; large |x|, erf's tails
+        (64, 1536, 3.0),  # MiniLM's FFN width
+    ],
+)
+def test_linear_gelu_matches_linear_then_gelu(rows: int, width: int, spread: float) -> None:
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(24, width)
+    with torch.no_grad():
+        lin.weight.mul_(spread)
+        lin.bias.normal_(0.0, spread)
+    x = torch.randn(rows, 24, requires_grad=True)
+    got = ck.linear_gelu(x, lin)
+    ref_lin = torch.nn.Linear(24, width)
+    ref_lin.load_state_dict(lin.state_dict())
+    x_ref = x.detach().clone().requires_grad_(True)
+    want = F.gelu(ref_lin(x_ref))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    g = torch.randn(rows, width)
+    got_grads = torch.autograd.grad(got, (x, lin.weight, lin.bias), g)
+    want_grads = torch.autograd.grad(want, (x_ref, ref_lin.weight, ref_lin.bias), g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_kernel_over_the_whole_range() -> None:
+    # Every regime of the erf approximation and of exp's clamp: deep negative (0), around 0, large.
+    h = torch.linspace(-30.0, 30.0, 20_001)
+    y, d = torch.empty_like(h), torch.empty_like(h)
+    native.library().gelu_forward(h.data_ptr(), y.data_ptr(), d.data_ptr(), h.numel(), 2)
+    hr = h.detach().clone().requires_grad_(True)
+    want = F.gelu(hr)
+    (want_d,) = torch.autograd.grad(want.sum(), hr)
+    torch.testing.assert_close(y, want.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(d, want_d, atol=1e-6, rtol=1e-6)

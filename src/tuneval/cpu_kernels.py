@@ -1,8 +1,9 @@
 """Autograd ops over the fused CPU kernels (``tuneval.native``), for ``packed_bert``'s CPU path.
 
-Two ops replace chains of small torch ops, each a pass over memory plus a dispatch:
+Three ops replace chains of small torch ops, each a pass over memory plus a dispatch:
 
 - ``dropout_add_norm``: ``LayerNorm(dropout(y) + residual)``, a BERT layer's two sublayer exits.
+- ``linear_gelu``: the FFN's first linear layer and its GELU, with GELU's derivative saved.
 - ``attention``: multi-head attention straight on packed token rows (scale, softmax over each
   sequence's own tokens, dropout on the probabilities), so the padded [batch, heads, length, d]
   copies, transposes and masks of the torch version are never built.
@@ -110,6 +111,37 @@ def dropout_add_norm(
     if seed is None:
         seed = draw_seed() if thresh else 0
     return _DropoutAddNorm.apply(y, residual, norm.weight, norm.bias, float(norm.eps), thresh, dscale, seed)
+
+
+class _LinearGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        h = torch.addmm(bias, x, weight.t())
+        y, d = torch.empty_like(h), torch.empty_like(h)
+        native.library().gelu_forward(h.data_ptr(), y.data_ptr(), d.data_ptr(), h.numel(), torch.get_num_threads())
+        ctx.save_for_backward(x, weight, d)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, d = ctx.saved_tensors
+        grad = grad.contiguous()
+        dh, dbias = torch.empty_like(d), torch.empty_like(weight[:, 0])
+        native.library().gelu_backward(
+            grad.data_ptr(), d.data_ptr(), dh.data_ptr(), dbias.data_ptr(), *dh.shape, torch.get_num_threads()
+        )
+        dx = dh @ weight if ctx.needs_input_grad[0] else None
+        return dx, dh.t() @ x if ctx.needs_input_grad[1] else None, dbias if ctx.needs_input_grad[2] else None
+
+
+def linear_gelu(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """``gelu(linear(x))`` (erf GELU) over rows [tokens, in]: the forward saves GELU's derivative
+    instead of its input, and the backward makes the bias gradient in the same pass as the
+    input gradient, instead of a GELU-backward pass and a separate column sum."""
+    _check(x, linear.weight, linear.bias)
+    if x.dim() != 2 or linear.bias is None:
+        raise ValueError(f"linear_gelu: rows [tokens, in] and a linear layer with a bias, got {tuple(x.shape)}")
+    return _LinearGelu.apply(x.contiguous(), linear.weight, linear.bias)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ to float rounding, checked in tests/test_packed_bert.py), with four kinds of wor
 - **Fused CPU kernels while training** (``cpu_kernels``, ``native/cpu_fused.c``): attention runs
   straight on the packed Q/K/V rows (scale, softmax over each sequence's own tokens, dropout) and
   each sublayer's dropout + residual + LayerNorm is one pass each way, instead of chains of small
-  torch ops over a padded copy. Where they cannot be built, the torch ops below run.
+  torch ops over a padded copy; the FFN's GELU saves its derivative, so its backward is one
+  multiply fused with the bias gradient. Where they cannot be built, the torch ops below run.
 - **Cheaper dropout masks on CPU**: torch's CPU bernoulli was 9% of a MiniLM step (profiled);
   here 64 random bits give four 16-bit uniforms, so p is rounded to a multiple of 1/65536
   (0.1 -> 0.1000061) and the kept values are scaled by 1/(1 - that p). Masks come from torch's
@@ -137,7 +138,7 @@ def _fused_layer(
     # Without [CLS] queries kv is the whole Q|K|V matrix; with them, K|V.
     cols, seg = ((0, heads * d, 2 * heads * d), segments[0]) if queries is None else ((0, 0, heads * d), segments[1])
     ctx = cpu_kernels.attention(queries, kv, cols, seg, heads, d, att.scaling, att.dropout.p, att.training)
-    return _after_attention(layer, ctx, residual, _fused_add_norm)
+    return _after_attention(layer, ctx, residual, fused=True)
 
 
 def _layer(
@@ -168,7 +169,7 @@ def _layer(
     ctx = ctx.transpose(1, 2).reshape(b * q.shape[2], hidden)
     if cls_rows is None and index is not None:
         ctx = ctx.index_select(0, index)
-    return _after_attention(layer, ctx, residual, _add_norm)
+    return _after_attention(layer, ctx, residual, fused=False)
 
 
 def _projections(
@@ -196,16 +197,23 @@ def _fused_add_norm(y: torch.Tensor, residual: torch.Tensor, sub: nn.Module) -> 
     return cpu_kernels.dropout_add_norm(y, residual, sub.LayerNorm, sub.dropout.p, sub.training)
 
 
-def _after_attention(
-    layer: nn.Module,
-    ctx: torch.Tensor,
-    residual: torch.Tensor,
-    add_norm: Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor],
-) -> torch.Tensor:
+def _after_attention(layer: nn.Module, ctx: torch.Tensor, residual: torch.Tensor, fused: bool) -> torch.Tensor:
     """The attention output projection and the FFN, each closed by dropout + residual + LayerNorm."""
+    add_norm = _fused_add_norm if fused else _add_norm
     a = add_norm(layer.attention.output.dense(ctx), residual, layer.attention.output)
-    ffn = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a))
+    act = layer.intermediate.intermediate_act_fn
+    if fused and _is_erf_gelu(act):
+        ffn = cpu_kernels.linear_gelu(a, layer.intermediate.dense)
+    else:
+        ffn = act(layer.intermediate.dense(a))
     return add_norm(layer.output.dense(ffn), a, layer.output)
+
+
+def _is_erf_gelu(act: Callable) -> bool:
+    """transformers' "gelu" (GELUActivation over F.gelu, erf form): what linear_gelu computes."""
+    from transformers.activations import GELUActivation
+
+    return isinstance(act, GELUActivation) and act.act is F.gelu
 
 
 def _pad(rows: torch.Tensor, index: torch.Tensor | None, b: int, length: int) -> torch.Tensor:

@@ -327,10 +327,7 @@ def train(
             loop.real_tokens += sum(lengths[j] for j in idx)  # from the host: no device sync
             if not last_micro:
                 continue
-            if s.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-            scaler.step(optimizer)
+            clipped_step(optimizer, scaler, model, s.max_grad_norm)
             scaler.update()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()

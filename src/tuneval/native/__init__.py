@@ -38,6 +38,8 @@ _SIGNATURES = {
     "dal_forward": [_P] * 8 + [_I64, _I64, _F, _U64, _U32, _F, _INT],
     "dal_backward": [_P] * 5 + [_F] + [_P] * 4 + [_I64, _I64, _INT],
     "attn_forward": [_P, _I64, _P, _P, _I64] + [_P] * 5 + [_I64, _INT, _INT, _F, _P, _P, _P, _U64, _U32, _F, _INT],
+    "gelu_forward": [_P, _P, _P, _I64, _INT],
+    "gelu_backward": [_P, _P, _P, _P, _I64, _I64, _INT],
     "attn_backward": [_P, _I64, _P, _P, _I64] + [_P] * 5 + [_I64, _INT, _INT, _F, _P, _P, _F, _P, _P, _P, _P, _INT],
 }
 
