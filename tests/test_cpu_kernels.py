@@ -224,3 +224,19 @@ def test_gelu_kernel_over_the_whole_range() -> None:
     (want_d,) = torch.autograd.grad(want.sum(), hr)
     torch.testing.assert_close(y, want.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(d, want_d, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [1],
+        [7, 4096, 4097, 13],  # chunk edges and lanes' tails
+        [384] * 40 + [1536 * 384, 30_000],  # many small tensors beside large ones
+    ],
+)
+def test_sum_of_squares_matches_torch(sizes: list[int]) -> None:
+    torch.manual_seed(4)
+    tensors = [torch.randn(n) * (i + 1) for i, n in enumerate(sizes)]
+    want = sum(float(t.double().pow(2).sum()) for t in tensors)
+    assert ck.sum_of_squares(tensors) == pytest.approx(want, rel=1e-6)
+    assert ck.sum_of_squares([tensors[0].view(1, -1).t()]) == pytest.approx(float(tensors[0].double().pow(2).sum()))

@@ -264,3 +264,37 @@ def test_total_norm_reads_only_written_embedding_rows_and_equals_the_full_norm(m
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert sum(written_rows(g) is not None for g in grads) == 1  # the word embedding's reused buffer
     torch.testing.assert_close(_total_norm(grads), torch.nn.utils.get_total_norm(grads), rtol=1e-6, atol=0)
+
+
+def test_clipped_step_takes_the_embedding_through_row_adamw_and_equals_torch(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tuneval import row_adamw
+
+    if not row_adamw.native.library():
+        pytest.skip("needs the native CPU kernels")
+    ds, tok = _toy_dataset(model_dir)
+    ours, ref = _model(model_dir).train(), _model(model_dir).train()
+    ref.load_state_dict(ours.state_dict())
+    s = TrainSettings(learning_rate=1e-3, weight_decay=0.01)
+    opt, ref_opt = build_optimizer(ours, s, torch.device("cpu")), build_optimizer(ref, s, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    calls = []
+    real_step = row_adamw.step
+    monkeypatch.setattr(row_adamw, "step", lambda *a: calls.append(a[2].shape) or real_step(*a))
+    collate = make_collate(tok.pad_token_id, "right")
+    for start in (0, 8, 16):
+        batch = collate([ds[i] for i in range(start, start + 8)])
+        torch.manual_seed(start)
+        clf.loss_fn(ours, batch).backward()
+        torch.manual_seed(start)
+        ref.own_kernels = False  # transformers' forward: a plain dense embedding gradient
+        clf.loss_fn(ref, batch).backward()
+        clipped_step(opt, scaler, ours, 0.5)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+    assert calls == [ours.backbone.embeddings.word_embeddings.weight.shape] * 3
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)

@@ -15,6 +15,7 @@ tests. p is rounded to a multiple of 1/65536, as ``packed_bert.dropout`` does.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,15 @@ def keep_reference(seed: int, start: int, n: int, thresh: int) -> torch.Tensor:
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def sum_of_squares(tensors: list[torch.Tensor]) -> float:
+    """The sum of squares of every element of ``tensors`` (float32 CPU), in one multithreaded call."""
+    _check(*tensors)
+    parts = [t.contiguous() for t in tensors]
+    ptrs = (ctypes.c_void_p * len(parts))(*[t.data_ptr() for t in parts])
+    lens = (ctypes.c_long * len(parts))(*[t.numel() for t in parts])
+    return native.library().sumsq_many(ptrs, lens, len(parts), torch.get_num_threads())
 
 
 class _DropoutAddNorm(torch.autograd.Function):

@@ -43,7 +43,8 @@ CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"
 # tuneval's encoder kernels (packed_bert, native/cpu_fused.c) draw their own CPU dropout masks:
 # a change to how they draw them (2: hashed per element in the fused kernels) is another result.
 ENCODER_KERNELS_VERSION = 2
-# finetune 4: clipping folded into fused AdamW (training.clipped_step), a rounding-level change.
+# finetune 4: clipping folded into fused AdamW (training.clipped_step), the word embedding stepped
+# by row_adamw, the fused linear + GELU kernel: rounding-level changes, still another result.
 CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 4, "predict": 2, "score": 3}
 
 

@@ -113,13 +113,16 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all ``grads`` together, as ``get_total_norm``, reading only the written rows of
     a reused word-embedding gradient (the rest is zero): 47 of MiniLM's 91 MB of gradients."""
+    from tuneval import cpu_kernels
     from tuneval.packed_bert import written_rows
 
-    norms = []
+    parts = []
     for g in grads:
         rows = written_rows(g)
-        norms.append(torch.linalg.vector_norm(g if rows is None else g.index_select(0, rows.unique())))
-    return torch.linalg.vector_norm(torch.stack(norms))
+        parts.append(g if rows is None else g.index_select(0, rows.unique()))
+    if parts and cpu_kernels.available(*parts):
+        return torch.tensor(cpu_kernels.sum_of_squares(parts)).sqrt()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in parts]))
 
 
 def clipped_step(
@@ -129,24 +132,50 @@ def clipped_step(
 
     A fused AdamW divides each gradient by its ``grad_scale`` as it reads it, so there clipping
     costs only the norm: ``clip_grad_norm_`` would first rewrite every gradient in place, a pass
-    over all of them that was 2.7% of a MiniLM CPU step (interleaved A/B). The result equals
+    over all of them that was 2.7% of a MiniLM CPU step (interleaved A/B). A reused word-embedding
+    gradient steps through ``row_adamw`` (rows never touched only decay). The result equals
     clip-then-step to float rounding (tests/test_training.py). fp16's GradScaler owns
     ``grad_scale`` itself, so with it enabled the usual unscale-clip-step runs.
     """
-    if max_grad_norm and not scaler.is_enabled() and optimizer.defaults.get("fused"):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        total = _total_norm(grads)
-        # clip_grad_norm_ multiplies by min(1, max / (norm + 1e-6)); dividing by its inverse is the same.
-        optimizer.grad_scale = torch.clamp((total + 1e-6) / max_grad_norm, min=1.0)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale
+    if not scaler.is_enabled() and optimizer.defaults.get("fused"):
+        scale = None
+        if max_grad_norm:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            # clip_grad_norm_ multiplies by min(1, max / (norm + 1e-6)); dividing by its inverse is the same.
+            scale = torch.clamp((_total_norm(grads) + 1e-6) / max_grad_norm, min=1.0)
+        _fused_step(optimizer, scale)
         return
     if max_grad_norm:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     scaler.step(optimizer)
+
+
+def _fused_step(optimizer: torch.optim.Optimizer, grad_scale: torch.Tensor | None) -> None:
+    """``optimizer.step()`` with each gradient divided by ``grad_scale``; parameters whose gradient
+    is a reused word-embedding buffer step through ``row_adamw`` (torch's step skips them: no grad)."""
+    from tuneval import row_adamw
+    from tuneval.packed_bert import written_rows
+
+    sparse = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            rows = None if p.grad is None else written_rows(p.grad)
+            if rows is not None and row_adamw.usable(optimizer, group, p):
+                sparse.append((group, p, rows, p.grad))
+    for _, p, _, _ in sparse:
+        p.grad = None
+    if grad_scale is not None:
+        optimizer.grad_scale = grad_scale
+    try:
+        optimizer.step()
+    finally:
+        if grad_scale is not None:
+            del optimizer.grad_scale
+        for _, p, _, grad in sparse:
+            p.grad = grad
+    for group, p, rows, _ in sparse:
+        row_adamw.step(optimizer, group, p, rows, grad_scale)
 
 
 class NonFiniteLoss(TunevalError):

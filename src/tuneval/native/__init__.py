@@ -40,8 +40,12 @@ _SIGNATURES = {
     "attn_forward": [_P, _I64, _P, _P, _I64] + [_P] * 5 + [_I64, _INT, _INT, _F, _P, _P, _P, _U64, _U32, _F, _INT],
     "gelu_forward": [_P, _P, _P, _I64, _INT],
     "gelu_backward": [_P, _P, _P, _P, _I64, _I64, _INT],
+    "sumsq_many": [_P, _P, _I64, _INT],
+    "adamw_rows": [_P] * 5 + [_I64, _I64] + [_F] * 7 + [_P, _INT],
     "attn_backward": [_P, _I64, _P, _P, _I64] + [_P] * 5 + [_I64, _INT, _INT, _F, _P, _P, _F, _P, _P, _P, _P, _INT],
 }
+
+_RESTYPES = {"sumsq_many": ctypes.c_double}
 
 
 def _supported_cpu() -> bool:
@@ -95,5 +99,5 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
     return lib
