@@ -8,11 +8,15 @@ resolve a 5% lever; here every batch is trained once by each variant in turn (sa
 batches), so a slow spell hits all variants alike, and the table shows each variant's median step
 and its ratio to the first. The order of the variants alternates from batch to batch. Variants:
 
-- ``tuneval``: the default: tuneval's encoder forward with the fused CPU kernels, clipping folded
-  into fused AdamW (``training.clipped_step``);
-- ``torch-ops``: the same forward on torch ops (the fallback where the kernels cannot be built);
+- ``tuneval``: the default: tuneval's encoder forward with the fused CPU kernels, then
+  ``training.clipped_step`` (clipping folded into fused AdamW, ``row_adamw`` for the embedding);
+- ``torch-ops``: no native kernels at all (the fallback where they cannot be built): the same
+  forward on torch ops, torch's AdamW for every parameter and torch's norms;
 - ``torch-gelu``: the kernels, but the FFN's linear + GELU as torch ops (not ``linear_gelu``);
-- ``clip-then-step``: the kernels, with ``clip_grad_norm_`` rewriting every gradient before the step;
+- ``torch-optimizer``: the kernels, but the word embedding stepped by torch's fused AdamW (not
+  ``row_adamw``) and the clipping norm by torch's ``vector_norm`` per tensor;
+- ``clip-then-step``: the kernels, then ``clip_grad_norm_`` (a rewrite of every gradient) and
+  torch's step of every parameter;
 - ``transformers``: transformers' BertModel forward, ``clip_grad_norm_`` then step.
 
 Speed is measured here, never asserted in a test.
@@ -28,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("tuneval", "torch-ops", "torch-gelu", "clip-then-step", "transformers")
+VARIANTS = ("tuneval", "torch-ops", "torch-gelu", "torch-optimizer", "clip-then-step", "transformers")
 
 
 def main() -> None:
@@ -47,7 +51,7 @@ def main() -> None:
     import speed
     import torch
 
-    from tuneval import cpu_kernels, cpu_memory, packed_bert
+    from tuneval import cpu_kernels, cpu_memory, packed_bert, row_adamw
     from tuneval.batching import length_grouped_batches, make_collate
     from tuneval.config.schema import TrainSettings
     from tuneval.problems.classification import loss_fn
@@ -61,19 +65,31 @@ def main() -> None:
     collate = make_collate(tokenizer.pad_token_id, tokenizer.padding_side)
     order = length_grouped_batches(lengths, args.batch_size, torch.Generator().manual_seed(42))
     batches = [collate([ds[int(i)] for i in idx]) for idx in order]
-    # A small learning rate: the weights stay near the checkpoint for every variant's turn.
-    optimizer = build_optimizer(model, TrainSettings(learning_rate=1e-6), torch.device("cpu"))
+    # A small learning rate: the weights stay near the checkpoint for every variant's turn. One
+    # optimizer per variant: row_adamw's row mask must not be invalidated by another's step.
+    optimizers = {n: build_optimizer(model, TrainSettings(learning_rate=1e-6), torch.device("cpu")) for n in names}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.train()
-    available, erf_gelu = cpu_kernels.available, packed_bert._is_erf_gelu
+    available, erf_gelu, usable, sumsq = (
+        cpu_kernels.available,
+        packed_bert._is_erf_gelu,
+        row_adamw.usable,
+        cpu_kernels.sum_of_squares,
+    )
+
+    def torch_sumsq(tensors: list[torch.Tensor]) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))) ** 2
 
     def step(batch: dict, variant: str) -> None:
+        optimizer = optimizers[variant]
         model.own_kernels = variant != "transformers"
         cpu_kernels.available = (lambda *t: False) if variant == "torch-ops" else available
         packed_bert._is_erf_gelu = (lambda act: False) if variant == "torch-gelu" else erf_gelu
+        if variant in ("torch-ops", "torch-optimizer"):
+            row_adamw.usable, cpu_kernels.sum_of_squares = (lambda *a: False), torch_sumsq
         try:
             loss_fn(model, batch).backward()
-            if variant in ("tuneval", "torch-ops", "torch-gelu"):
+            if variant in ("tuneval", "torch-ops", "torch-gelu", "torch-optimizer"):
                 clipped_step(optimizer, scaler, model, 1.0)
             else:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -81,6 +97,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         finally:
             cpu_kernels.available, packed_bert._is_erf_gelu = available, erf_gelu
+            row_adamw.usable, cpu_kernels.sum_of_squares = usable, sumsq
 
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.rounds):
