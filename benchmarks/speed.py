@@ -69,7 +69,8 @@ def main() -> None:
     # Rounds interleave the variants: on a shared (noisy) machine a slow spell then hits every
     # variant alike instead of one, and the table reports each variant's median round.
     for round_ in range(args.repeats):
-        for variant in chosen:
+        # Odd rounds run the variants in reverse, so that drift within a round favours none.
+        for variant in chosen if round_ % 2 == 0 else chosen[::-1]:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--out", f.name]
                 subprocess.run(
@@ -85,10 +86,18 @@ def main() -> None:
                 )
                 runs[variant].append(json.loads(Path(f.name).read_text()))
                 print(f"done: {variant} (round {round_ + 1}/{args.repeats})", file=sys.stderr)
+    trainers = [v for v in chosen if v.startswith("trainer")]
     for rs in runs.values():
         ordered = sorted(rs, key=lambda r: r["samples_per_s"])
         median = dict(ordered[len(ordered) // 2])
         median["range"] = (ordered[0]["samples_per_s"], ordered[-1]["samples_per_s"])
+        # Each round's own ratio to that round's best Trainer: its variants ran minutes apart, so
+        # this follows the machine's drift better than a ratio of medians taken over all rounds.
+        if trainers:
+            ratios = sorted(
+                r["samples_per_s"] / max(runs[t][i]["samples_per_s"] for t in trainers) for i, r in enumerate(rs)
+            )
+            median["round_ratios"] = ratios
         results.append(median)
     print_table(results, args)
 
@@ -310,11 +319,12 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
     best_trainer = max((r["samples_per_s"] for r in results if r["variant"].startswith("trainer")), default=None)
     print(
         f"\nmodel={args.model} rows={args.rows} batch={args.batch_size} max_length={args.max_length} "
-        f"device={results[0]['device']} precision={results[0]['precision']} rounds={args.repeats} (median shown)"
+        f"device={results[0]['device']} precision={results[0]['precision']} rounds={args.repeats} (median round shown; "
+        "per-round ratio: each round against that round's best Trainer)"
     )
     head = (
         f"{'variant':<17}{'samples/s':>10}{'real tok/s':>12}{'pad %':>7}{'MFU':>7}{'peak GiB':>10}"
-        f"{'accuracy':>10}{'vs best Trainer':>17}{'samples/s range':>18}"
+        f"{'accuracy':>10}{'vs best Trainer':>17}{'samples/s range':>18}{'per-round ratio, median (range)':>34}"
     )
     print(head)
     print("-" * len(head))
@@ -326,7 +336,12 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
             f"{pad:>7}{mfu:>7}{r['peak_gib']:>10.2f}{r['accuracy']:>10.3f}"
             + (f"{r['samples_per_s'] / best_trainer:>16.2f}x" if best_trainer else f"{'-':>17}")
             + f"{r['range'][0]:>11.1f}-{r['range'][1]:<6.1f}"
+            + (_round_ratios(r["round_ratios"]) if r.get("round_ratios") else "")
         )
+
+
+def _round_ratios(ratios: list[float]) -> str:
+    return f"{ratios[len(ratios) // 2]:>18.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 if __name__ == "__main__":
