@@ -72,8 +72,8 @@ def step(
 ) -> None:
     """One AdamW step of ``p`` (see ``usable``), whose gradient is zero outside rows ``written``.
 
-    Equals torch's fused AdamW on ``p``, grad_scale included (the gradient is divided by it and
-    stored back, as torch does).
+    Equals torch's fused AdamW on ``p``, grad_scale included, except that the gradient divided by
+    it is not stored back into ``p.grad`` (a reused buffer must keep its zero rows zero).
     """
     state = optimizer.state[p]
     if not state:  # as torch.optim.Adam._init_group does for fused

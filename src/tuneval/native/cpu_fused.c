@@ -530,16 +530,18 @@ double sumsq_many(const float *const *ptrs, const long *lens, long count, int nt
  * gradient since the optimizer started (exp_avg, exp_avg_sq and grad all zero there): for those
  * the step is exactly param *= 1 - lr * wd, a pass over the parameter alone instead of over four
  * arrays. Active rows take torch's fused CPU AdamW arithmetic, operation by operation and with
- * no contraction into FMAs (aten/src/ATen/native/cpu/FusedAdamKernel.cpp): grad /= grad_scale
- * (stored back), param *= 1 - lr * wd, exp_avg.lerp_(grad, 1 - beta1), exp_avg_sq = exp_avg_sq *
+ * no contraction into FMAs (aten/src/ATen/native/cpu/FusedAdamKernel.cpp): grad /= grad_scale,
+ * param *= 1 - lr * wd, exp_avg.lerp_(grad, 1 - beta1), exp_avg_sq = exp_avg_sq *
  * beta2 + (1 - beta2) * grad * grad, param += -step_size * exp_avg / (sqrt(exp_avg_sq) /
- * sqrt(bias_correction2) + eps). */
+ * sqrt(bias_correction2) + eps). Unlike torch, the divided gradient is not stored back: the
+ * reused buffer must stay zero outside the rows it wrote, and 0 / grad_scale is NaN when the
+ * scale is (a NaN norm), which would leave NaN rows that no later step clears. */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
-void adamw_rows(float *p, float *g, float *m, float *v, const unsigned char *active, long rows, long cols,
+void adamw_rows(float *p, const float *g, float *m, float *v, const unsigned char *active, long rows, long cols,
                 float decay, float lerp_w, float beta2, float beta2c, float neg_step_size, float bc2_sqrt,
                 float eps, const float *grad_scale, int nthreads) {
     const int small = fabsf(lerp_w) < 0.5f; /* torch's lerp: two forms, for accuracy */
@@ -558,13 +560,11 @@ void adamw_rows(float *p, float *g, float *m, float *v, const unsigned char *act
             }
             continue;
         }
-        float *gr = g + r * cols, *mr = m + r * cols, *vr = v + r * cols;
+        const float *gr = g + r * cols;
+        float *mr = m + r * cols, *vr = v + r * cols;
         for (; j + 8 <= cols; j += 8) {
             __m256 gv = _mm256_loadu_ps(gr + j);
-            if (grad_scale) {
-                gv = _mm256_div_ps(gv, _mm256_set1_ps(*grad_scale));
-                _mm256_storeu_ps(gr + j, gv);
-            }
+            if (grad_scale) gv = _mm256_div_ps(gv, _mm256_set1_ps(*grad_scale));
             const __m256 pv = _mm256_mul_ps(_mm256_loadu_ps(pr + j), vdecay);
             __m256 mv = _mm256_loadu_ps(mr + j);
             mv = _mm256_fmadd_ps(vcoeff, _mm256_sub_ps(gv, mv), small ? mv : gv);
@@ -576,7 +576,7 @@ void adamw_rows(float *p, float *g, float *m, float *v, const unsigned char *act
         }
         for (; j < cols; j++) {
             float gs = gr[j];
-            if (grad_scale) gr[j] = gs = gs / *grad_scale;
+            if (grad_scale) gs = gs / *grad_scale;
             const float pv = pr[j] * decay;
             mr[j] = fmaf(coeff, gs - mr[j], small ? mr[j] : gs);
             vr[j] = vr[j] * beta2 + beta2c * gs * gs;
