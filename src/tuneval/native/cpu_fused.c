@@ -72,6 +72,24 @@ void dal_forward(const float *y, const float *r, const float *gamma, const float
     }
 }
 
+static inline int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* out[j] = sum over threads t of partial[t * stride + j], j < n: the per-thread column sums a
+ * backward pass accumulates (each thread owns a row of `partial`, so no atomics), reduced. */
+static void sum_partials(const float *partial, int nthreads, long stride, long n, float *out) {
+    for (long j = 0; j < n; j++) {
+        float s = 0.0f;
+        for (int t = 0; t < nthreads; t++) s += partial[(long)t * stride + j];
+        out[j] = s;
+    }
+}
+
 /* Gradients of dal_forward: dy, dr (= the gradient reaching LayerNorm's input), dgamma, dbeta. */
 void dal_backward(const float *g, const float *xhat, const float *rstd, const float *gamma,
                   const unsigned char *keep, float dscale, float *dy, float *dr, float *dgamma, float *dbeta,
@@ -79,11 +97,7 @@ void dal_backward(const float *g, const float *xhat, const float *rstd, const fl
     float *partial = calloc((size_t)nthreads * 2 * hidden, sizeof(float));
 #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        float *pg = partial + (long)t * 2 * hidden, *pb = pg + hidden;
+        float *pg = partial + (long)thread_id() * 2 * hidden, *pb = pg + hidden;
 #pragma omp for schedule(static)
         for (long i = 0; i < rows; i++) {
             const float *gi = g + i * hidden, *xi = xhat + i * hidden;
@@ -111,19 +125,23 @@ void dal_backward(const float *g, const float *xhat, const float *rstd, const fl
             }
         }
     }
-    for (long j = 0; j < hidden; j++) {
-        float sg = 0.0f, sb = 0.0f;
-        for (int t = 0; t < nthreads; t++) {
-            sg += partial[(long)t * 2 * hidden + j];
-            sb += partial[(long)t * 2 * hidden + hidden + j];
-        }
-        dgamma[j] = sg;
-        dbeta[j] = sb;
-    }
+    sum_partials(partial, nthreads, 2 * hidden, hidden, dgamma);
+    sum_partials(partial + hidden, nthreads, 2 * hidden, hidden, dbeta);
     free(partial);
 }
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* CALL(D) with D a constant where the head size has code unrolled for it (32, 64), else d. */
+#define BY_HEAD_SIZE(d, CALL) \
+    do {                      \
+        if ((d) == 32)        \
+            CALL(32);         \
+        else if ((d) == 64)   \
+            CALL(64);         \
+        else                  \
+            CALL(d);          \
+    } while (0)
 
 /* exp of 8 lanes, x <= 0: Cephes' expf polynomial (~1 ulp). */
 ALWAYS_INLINE __m256 exp8_nonpos(__m256 x) {
@@ -325,12 +343,7 @@ void attn_forward(const float *q, long q_stride, const float *k, const float *v,
 #define FWD(D)                                                                                                   \
     attn_forward_item(q, q_stride, k, v, kv_stride, kv_start[b], lk, q_start[b], q_len[b], p_off[b], h, width,   \
                       scale, out, probs, keep, seed, threshold, dscale, work, D)
-        if (d == 32)
-            FWD(32);
-        else if (d == 64)
-            FWD(64);
-        else
-            FWD(d);
+        BY_HEAD_SIZE(d, FWD);
 #undef FWD
         free(work);
     }
@@ -415,12 +428,7 @@ void attn_backward(const float *q, long q_stride, const float *k, const float *v
 #define BWD(D)                                                                                                   \
     attn_backward_item(q, q_stride, k, v, kv_stride, kv_start[b], lk, q_start[b], q_len[b], p_off[b], h, width,  \
                        scale, probs, keep, dscale, dout, dq, dk, dv, work, D)
-        if (d == 32)
-            BWD(32);
-        else if (d == 64)
-            BWD(64);
-        else
-            BWD(d);
+        BY_HEAD_SIZE(d, BWD);
 #undef BWD
         free(work);
     }
@@ -473,11 +481,7 @@ void gelu_backward(const float *g, const float *d, float *dh, float *dbias, long
     float *partial = calloc((size_t)nthreads * cols, sizeof(float));
 #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        float *pb = partial + (long)t * cols;
+        float *pb = partial + (long)thread_id() * cols;
 #pragma omp for schedule(static)
         for (long i = 0; i < rows; i++) {
             const float *gi = g + i * cols, *di = d + i * cols;
@@ -489,11 +493,7 @@ void gelu_backward(const float *g, const float *d, float *dh, float *dbias, long
             }
         }
     }
-    for (long j = 0; j < cols; j++) {
-        float s = 0.0f;
-        for (int t = 0; t < nthreads; t++) s += partial[(long)t * cols + j];
-        dbias[j] = s;
-    }
+    sum_partials(partial, nthreads, cols, cols, dbias);
     free(partial);
 }
 
