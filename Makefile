@@ -31,8 +31,8 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tasks flows tests
-	$(BIN)/ruff format --check src tasks flows tests
+	$(BIN)/ruff check src tasks flows tests benchmarks
+	$(BIN)/ruff format --check src tasks flows tests benchmarks
 
 ui: $(STAMP)
 	$(BIN)/tuneval ui

@@ -55,9 +55,9 @@ def main() -> None:
 
 
 def model_path(source: str) -> str:
-    from tuneval.config.load import resolve_model_source
+    from tuneval.config.paths import resolve_model_source
     from tuneval.config.schema import ModelSpec
-    from tuneval.models import load_tokenizer
+    from tuneval.models.loading import load_tokenizer
 
     if source != "bert-base-shape":
         return resolve_model_source(ModelSpec(source=source), speed.ROOT)
@@ -75,12 +75,12 @@ def model_path(source: str) -> str:
 def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
-    from tuneval import fused, hash_dropout, training
     from tuneval.config.schema import ModelSpec, TrainSettings
-    from tuneval.models import load_tokenizer
+    from tuneval.models.loading import load_tokenizer
     from tuneval.problems.classification import loss_fn, new_classifier
+    from tuneval.training import hash_dropout, loop, multi_seed
 
-    device = training.resolve_device(args.device)
+    device = loop.resolve_device(args.device)
     path = model_path(args.model)
     tokenizer = load_tokenizer(path)
     rows, _ = speed.rotten_tomatoes(args.rows, 1)
@@ -92,7 +92,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     seeds = list(range(1, (1 if args.variant == "solo-1" else args.fused_seeds) + 1))
 
     def build(seed: int):
-        training.seed_everything(seed)
+        loop.seed_everything(seed)
         m = new_classifier(path, ModelSpec(source=path), tokenizer, 2, None)
         hash_dropout.install(m, seed)
         return m
@@ -103,15 +103,15 @@ def run_variant(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if args.variant == "fused-K":
         models = [build(sd) for sd in seeds]
-        reason = fused.why_not(models, [s] * len(models), training.resolve_precision(s.precision, device))
+        reason = multi_seed.why_not(models, [s] * len(models), loop.resolve_precision(s.precision, device))
         if reason:
             raise SystemExit(f"cannot fuse: {reason}")
-        results = fused.train_fused(models, seeds, ds, s, [None] * len(models), pad, side, device, progress=False)
+        results = multi_seed.train_fused(models, seeds, ds, s, [None] * len(models), pad, side, device, progress=False)
     else:
         models, results = [], []
         for sd in seeds:
             models.append(build(sd))
-            results.append(training.train(models[-1], ds, s, sd, loss_fn, None, pad, side, device, progress=False))
+            results.append(loop.train(models[-1], ds, s, sd, loss_fn, None, pad, side, device, progress=False))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

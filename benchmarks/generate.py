@@ -37,11 +37,13 @@ def main() -> None:
 
     import torch
 
-    from tuneval import models, problems, stages
+    from tuneval import problems
     from tuneval.config import load_config, resolve_runs
-    from tuneval.decoding import generate_texts, generation_kwargs, pad_batch
+    from tuneval.inference.decoding import generate_texts, generation_kwargs, pad_batch
+    from tuneval.models import loading
+    from tuneval.pipeline import stages
     from tuneval.settings import Settings
-    from tuneval.training import resolve_device
+    from tuneval.training.device import resolve_device
 
     loaded = load_config(ROOT / "pipelines.yaml")
     [run] = resolve_runs(loaded, [args.pipeline])[:1]
@@ -49,12 +51,12 @@ def main() -> None:
         os.environ["TUNEVAL_CACHE_DIR"] = cache
         settings = Settings.from_env(loaded.root, track=False)
         prepared = stages.prepare(run, settings, stages.load(run, settings).ref).ref
-        from tuneval import data
+        from tuneval.data.splits import open_split
 
-        ds = data.open_split(prepared.path, "test")
+        ds = open_split(prepared.path, "test")
         ds = ds.select(range(min(args.rows, len(ds))))
         info = prepared.meta()["info"]
-        tokenizer = models.load_tokenizer(run.model_path)
+        tokenizer = loading.load_tokenizer(run.model_path)
         torch.manual_seed(0)
         model = problems.get("seq2seq").build_model(run, tokenizer, info)
     device = resolve_device(args.device)

@@ -105,7 +105,7 @@ def main() -> None:
 def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
-    from tuneval.training import resolve_device, resolve_precision
+    from tuneval.training.device import resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
@@ -118,8 +118,16 @@ def run_variant(args: argparse.Namespace) -> dict:
     # numbers were measured which way.
     ds = encode(tokenizer, train_rows, args.max_length, pad=pad)
     # The Trainer and tuneval-transformers run the model's own (transformers) forward; tuneval runs
-    # its encoder kernels (packed_bert) where they apply.
-    model.own_kernels = args.variant in ("tuneval", "tuneval-compile")
+    # the levers the stages would choose on this device (tuneval.accel), as a run would.
+    from tuneval import accel
+    from tuneval.config.schema import TrainSettings
+
+    levers = accel.choose(TrainSettings(), "classification", device.type)
+    if args.variant == "tuneval-transformers":
+        levers = accel.Levers(heap_reuse=levers.heap_reuse)
+    if args.variant.startswith("tuneval"):
+        accel.apply(model, levers)
+        accel.enter_training(levers)
     if args.variant.startswith("tuneval"):
         stats = train_tuneval(model, tokenizer, ds, args, device, compile=args.variant == "tuneval-compile")
     else:
@@ -157,9 +165,9 @@ def run_variant(args: argparse.Namespace) -> dict:
 def build(source: str):
     import torch
 
-    from tuneval.config.load import resolve_model_source
+    from tuneval.config.paths import resolve_model_source
     from tuneval.config.schema import ModelSpec
-    from tuneval.models import load_tokenizer
+    from tuneval.models.loading import load_tokenizer
     from tuneval.problems.classification import new_classifier
 
     torch.manual_seed(0)
@@ -206,7 +214,7 @@ def encode(tokenizer, rows: list[dict], max_length: int, pad: bool):
 def train_tuneval(model, tokenizer, ds, args, device, compile: bool = False) -> dict:
     from tuneval.config.schema import TrainSettings
     from tuneval.problems.classification import loss_fn
-    from tuneval.training import train
+    from tuneval.training.loop import train
 
     ds = ds.rename_column("label", "labels")
     s = TrainSettings(
@@ -233,7 +241,7 @@ def padded_tokens(ds, batch_size: int, device) -> int:
     """Tokens the model actually processed, padding included (for MFU), with tuneval's batching."""
     import torch
 
-    from tuneval.batching import length_grouped_batches
+    from tuneval.data.batching import length_grouped_batches
 
     lengths = [len(x) for x in ds["input_ids"]]
     batches = length_grouped_batches(lengths, batch_size, torch.Generator().manual_seed(42))
@@ -299,7 +307,7 @@ def train_trainer(model, tokenizer, ds, args, device, precision: str, pad: bool)
 def evaluate(model, tokenizer, rows, args, device) -> float:
     import torch
 
-    from tuneval.inference import predict_outputs
+    from tuneval.inference.batched import predict_outputs
     from tuneval.problems.classification import forward_logits
 
     ds = encode(tokenizer, rows, args.max_length, pad=False)

@@ -1,25 +1,25 @@
 """One training step's time under each CPU lever, interleaved step by step in one process.
 
     python benchmarks/step_ab.py                 # MiniLM, 1,024 Rotten Tomatoes rows, batch 16
-    python benchmarks/step_ab.py --rounds 2 --variants tuneval,torch-ops
+    python benchmarks/step_ab.py --rounds 2 --variants tuneval,transformers
+    python benchmarks/step_ab.py --no-heap-reuse # the process-wide heap lever: compare two processes
 
 On a shared machine whose speed drifts by tens of percent within minutes, separate runs cannot
 resolve a 5% lever; here every batch is trained once by each variant in turn (same model, same
 batches), so a slow spell hits all variants alike, and the table shows each variant's median step
-and its ratio to the first. The order of the variants alternates from batch to batch. Variants:
+and its ratio to the first. The order of the variants alternates from batch to batch. Each variant
+is a ``tuneval.accel.Levers`` (the seam the stages use) plus, for the forward's own parts, a
+``bert_cls.Options``; nothing is patched. Variants:
 
-- ``tuneval``: the default: tuneval's encoder forward with the fused CPU kernels, then
-  ``training.clipped_step`` (clipping folded into fused AdamW, ``row_adamw`` for the embedding);
-- ``torch-ops``: no native kernels at all (the fallback where they cannot be built): the same
-  forward on torch ops, torch's AdamW for every parameter and torch's norms;
-- ``torch-gelu``: the kernels, but the FFN's linear + GELU as torch ops (not ``linear_gelu``);
-- ``torch-optimizer``: the kernels, but the word embedding stepped by torch's fused AdamW (not
-  ``row_adamw``) and the clipping norm by torch's ``vector_norm`` per tensor;
-- ``clip-then-step``: the kernels, then ``clip_grad_norm_`` (a rewrite of every gradient) and
-  torch's step of every parameter;
-- ``transformers``: transformers' BertModel forward, ``clip_grad_norm_`` then step.
+- ``tuneval``: the CPU default: tuneval's [CLS] forward with every saving;
+- ``all-layers``: that forward with the last layer computed for every token, not [CLS] only;
+- ``torch-dropout``: that forward with torch's dropout masks instead of the 16-bit ones;
+- ``transformers``: transformers' BertModel forward (the mainstream path).
 
-Speed is measured here, never asserted in a test.
+The step is the mainstream one for every variant: ``clip_grad_norm_`` then torch's fused AdamW.
+``heap_reuse`` is process-wide (glibc's allocator), so it is compared by running this script
+twice, with and without ``--no-heap-reuse``, in alternation. Speed is measured here, never
+asserted in a test.
 """
 
 from __future__ import annotations
@@ -32,7 +32,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("tuneval", "torch-ops", "torch-gelu", "torch-optimizer", "clip-then-step", "transformers")
+VARIANTS = ("tuneval", "all-layers", "torch-dropout", "transformers")
+
+
+def forward_of(variant: str):  # noqa: ANN201 - a bert_cls.Forward or None
+    from tuneval.accel import bert_cls
+
+    options = {
+        "tuneval": bert_cls.Options(),
+        "all-layers": bert_cls.Options(cls_only=False),
+        "torch-dropout": bert_cls.Options(cheap_dropout=False),
+    }.get(variant)
+    return None if options is None else bert_cls.Forward(options)
 
 
 def main() -> None:
@@ -43,6 +54,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1, help="passes over the batches")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--no-heap-reuse", action="store_true", help="leave glibc's allocator as it is")
     args = p.parse_args()
     names = [v.strip() for v in args.variants.split(",")]
     if unknown := set(names) - set(VARIANTS):
@@ -51,13 +63,13 @@ def main() -> None:
     import speed
     import torch
 
-    from tuneval import cpu_kernels, cpu_memory, packed_bert, row_adamw
-    from tuneval.batching import length_grouped_batches, make_collate
+    from tuneval import accel
     from tuneval.config.schema import TrainSettings
+    from tuneval.data.batching import length_grouped_batches, make_collate
     from tuneval.problems.classification import loss_fn
-    from tuneval.training import build_optimizer, clipped_step
+    from tuneval.training.optim import build_optimizer, clip_and_step
 
-    cpu_memory.keep_freed_memory()
+    accel.enter_training(accel.Levers(heap_reuse=not args.no_heap_reuse))
     model, tokenizer = speed.build(args.model)
     rows, _ = speed.rotten_tomatoes(args.rows, 1)
     ds = speed.encode(tokenizer, rows, args.max_length, pad=False).rename_column("label", "labels")
@@ -65,39 +77,17 @@ def main() -> None:
     collate = make_collate(tokenizer.pad_token_id, tokenizer.padding_side)
     order = length_grouped_batches(lengths, args.batch_size, torch.Generator().manual_seed(42))
     batches = [collate([ds[int(i)] for i in idx]) for idx in order]
-    # A small learning rate: the weights stay near the checkpoint for every variant's turn. One
-    # optimizer per variant: row_adamw's row mask must not be invalidated by another's step.
+    # A small learning rate: the weights stay near the checkpoint for every variant's turn.
     optimizers = {n: build_optimizer(model, TrainSettings(learning_rate=1e-6), torch.device("cpu")) for n in names}
+    forwards = {n: forward_of(n) for n in names}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.train()
-    available, erf_gelu, usable, sumsq = (
-        cpu_kernels.available,
-        packed_bert._is_erf_gelu,
-        row_adamw.usable,
-        cpu_kernels.sum_of_squares,
-    )
-
-    def torch_sumsq(tensors: list[torch.Tensor]) -> float:
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))) ** 2
 
     def step(batch: dict, variant: str) -> None:
-        optimizer = optimizers[variant]
-        model.own_kernels = variant != "transformers"
-        cpu_kernels.available = (lambda *t: False) if variant == "torch-ops" else available
-        packed_bert._is_erf_gelu = (lambda act: False) if variant == "torch-gelu" else erf_gelu
-        if variant in ("torch-ops", "torch-optimizer"):
-            row_adamw.usable, cpu_kernels.sum_of_squares = (lambda *a: False), torch_sumsq
-        try:
-            loss_fn(model, batch).backward()
-            if variant in ("tuneval", "torch-ops", "torch-gelu", "torch-optimizer"):
-                clipped_step(optimizer, scaler, model, 1.0)
-            else:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        finally:
-            cpu_kernels.available, packed_bert._is_erf_gelu = available, erf_gelu
-            row_adamw.usable, cpu_kernels.sum_of_squares = usable, sumsq
+        model.encoder_forward = forwards[variant]
+        loss_fn(model, batch).backward()
+        clip_and_step(optimizers[variant], scaler, model, 1.0)
+        optimizers[variant].zero_grad(set_to_none=True)
 
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.rounds):
@@ -113,12 +103,12 @@ def main() -> None:
     tokens = sum(lengths) / len(lengths) * args.batch_size
     print(
         f"\nmodel={args.model} rows={args.rows} batch={args.batch_size} ~{tokens:.0f} real tokens/step, "
-        f"threads={torch.get_num_threads()}"
+        f"threads={torch.get_num_threads()} heap_reuse={not args.no_heap_reuse}"
     )
-    print(f"{'variant':16s} {'median ms/step':>15s} {'vs ' + names[0]:>14s} {'steps':>6s}")
+    print(f"{'variant':22s} {'median ms/step':>15s} {'vs ' + names[0]:>14s} {'steps':>6s}")
     for n in names:
         m = statistics.median(times[n])
-        print(f"{n:16s} {m * 1000:15.1f} {m / base:13.3f}x {len(times[n]):6d}")
+        print(f"{n:22s} {m * 1000:15.1f} {m / base:13.3f}x {len(times[n]):6d}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from tuneval.errors import ConfigError, TunevalError
 
 FLOW_NAME = "tuneval-pipeline"
 # A module path, not a file path: a worker imports the installed tuneval (or the checkout it runs in).
-ENTRYPOINT = "flows.deployments.pipeline_flow"
+ENTRYPOINT = "tuneval.flows.deployments.pipeline_flow"
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]{0,40}$")
 
 
@@ -30,11 +30,12 @@ def pipeline_flow(config: str, pipeline: str, force: str | None = None) -> list[
     """Run one pipeline of ``config`` (a path, relative to the deployment's working directory).
 
     Ends FAILED when any of its runs failed, so the Prefect UI shows what the MLflow runs say."""
-    from flows.run_all import run_flow
+    from tuneval.flows.run_all import run_flow
+
     from tuneval.config import load_config, resolve_runs
+    from tuneval.pipeline.keys import ORDER
     from tuneval.settings import Settings
-    from tuneval.stages import ORDER
-    from tuneval.tracking import Tracker
+    from tuneval.tracking.client import Tracker
 
     if force is not None and force not in ORDER:
         raise TunevalError(f"parameter force: unknown stage {force!r}; use one of {', '.join(ORDER)}")
@@ -129,8 +130,7 @@ def serve(planned: list[Planned], port: int) -> None:
     the embedded server would accept the schedules but never fire them (it runs no scheduler)."""
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.local_server import start_server
+    from tuneval.flows.local_server import start_server
 
     deployments = [_to_deployment(pipeline_flow, p) for p in planned]
     if PREFECT_API_URL.value():
@@ -165,8 +165,7 @@ def check_pool(pool: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
-
-    from flows.local_server import reachable
+    from tuneval.flows.local_server import reachable
 
     api = PREFECT_API_URL.value()
     if not api:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from flows.local_server import free_port, healthy
+from tuneval.flows.local_server import free_port, healthy
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child

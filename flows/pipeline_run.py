@@ -6,8 +6,7 @@ from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
-
-from tasks import (
+from tuneval.tasks import (
     finetune_task,
     fused_finetune_task,
     intrinsic_task,
@@ -16,9 +15,10 @@ from tasks import (
     prepare_task,
     score_task,
 )
-from tuneval.artifacts import StageOutcome
+
 from tuneval.config.runs import RunSpec
-from tuneval.runner import run_stages
+from tuneval.pipeline.runner import run_stages
+from tuneval.pipeline.store import StageOutcome
 from tuneval.settings import Settings
 
 TASKS = {

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from tuneval.flows import user_errors
+from tuneval.flows.pipeline_run import TASKS, pipeline_run_flow
 
-from flows import user_errors
-from flows.pipeline_run import TASKS, pipeline_run_flow
 from tuneval.config.runs import RunSpec
-from tuneval.runner import run_groups
+from tuneval.pipeline.runner import run_groups
 from tuneval.settings import Settings
 
 user_errors.install()

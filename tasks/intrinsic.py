@@ -3,9 +3,9 @@
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneval import stages
-from tuneval.artifacts import ArtifactRef, StageOutcome
 from tuneval.config.runs import RunSpec
+from tuneval.pipeline import stages
+from tuneval.pipeline.store import ArtifactRef, StageOutcome
 from tuneval.settings import Settings
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneval.artifacts import Store, stage_key
+from tuneval.pipeline.store import Store, stage_key
 
 
 def build_counter(calls: list[int], text: str = "hello"):

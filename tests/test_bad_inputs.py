@@ -11,8 +11,8 @@ import pytest
 import yaml
 from conftest import write_rows
 
-from tuneval.artifacts import verify
-from tuneval.cli import main
+from tuneval.cli.main import main
+from tuneval.pipeline.store import verify
 
 pytestmark = pytest.mark.integration
 

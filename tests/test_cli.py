@@ -103,7 +103,7 @@ def _post(url: str, body: dict) -> dict:
 
 @pytest.mark.integration
 def test_ui_serves_the_run_over_rest(project: Path) -> None:
-    from tuneval.cli import main
+    from tuneval.cli.main import main
 
     out = project / "r.json"
     assert main(["run", "--config", str(project / "pipelines.yaml"), "--json", str(out)]) == 0
@@ -142,7 +142,7 @@ def test_ui_serves_the_run_over_rest(project: Path) -> None:
 
 
 def test_servers_bind_to_loopback_by_default() -> None:
-    from tuneval.cli import _parser
+    from tuneval.cli.main import parser as _parser
 
     assert _parser().parse_args(["ui"]).host == "127.0.0.1"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneval.artifacts import verify
+from tuneval.pipeline.store import verify
 
 pytestmark = pytest.mark.integration
 

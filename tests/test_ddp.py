@@ -15,13 +15,13 @@ from test_seq2seq import prepared as seq2seq_prepared
 from test_seq2seq import run_for
 from test_stages import runs_of
 
-from tuneval import models
-from tuneval.batching import PAD_LABEL, make_collate
 from tuneval.config import load_config
-from tuneval.distributed import Dist, loss_units, shard
+from tuneval.data.batching import PAD_LABEL, make_collate
 from tuneval.errors import ConfigError
+from tuneval.models import loading
 from tuneval.problems import seq2seq
 from tuneval.settings import Settings
+from tuneval.training.distributed import Dist, loss_units, shard
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 5, 8, 9])
@@ -52,7 +52,7 @@ def test_token_shares_turn_the_ddp_mean_into_the_global_batch_gradient(model_dir
     """Shards with unequal label-token counts: the mean over ranks of world * share * grad(shard loss),
     what DDP computes from ``scale_for_backward``, is the gradient of the whole batch's token mean."""
     ds, info = seq2seq_prepared(model_dir, name, seq2seq_bench(max_target_length=32), n=6)
-    tok = models.load_tokenizer(str(model_dir / name))
+    tok = loading.load_tokenizer(str(model_dir / name))
     torch.manual_seed(0)
     model = seq2seq.build_model(run_for(model_dir / name), tok, info).eval()  # eval: no dropout
     rows = ds.select_columns(list(seq2seq.TRAIN_COLUMNS))
@@ -112,7 +112,7 @@ def _no_dropout_bert(model_dir: Path, folder: Path) -> Path:
 
 def _runs(project: Path, model_dir: Path):
     """The same run with devices 1 and 2, its prepared data, and settings with two separate caches."""
-    from tasks import load_task, prepare_task
+    from tuneval.tasks import load_task, prepare_task
 
     _no_dropout_bert(model_dir, project / "bert-nodrop")
 
@@ -171,11 +171,11 @@ def test_two_gloo_processes_match_one_process(project: Path, model_dir: Path) ->
     """torchrun with 2 gloo processes x 4 rows = one process x 8 rows: the same weights, curves and
     validation, through the finetune stage. 101 rows make each epoch's last batch 5 rows (3 + 2),
     accumulation exercises no_sync, and rank 0 writes checkpoints on the way."""
-    from tuneval import stages
+    from tuneval.pipeline import finetune
 
     one, two, prep, settings, other_cache = _runs(project, model_dir)
-    a = stages.finetune(one, settings, prep, progress=False)
-    b = stages.finetune(two, other_cache, prep, progress=False)
+    a = finetune.finetune(one, settings, prep, progress=False)
+    b = finetune.finetune(two, other_cache, prep, progress=False)
     assert b.status == "ran"
     _assert_same_training(a, b, model_dir)
 
@@ -183,7 +183,7 @@ def test_two_gloo_processes_match_one_process(project: Path, model_dir: Path) ->
 FAILING_WORKER = """
 import json, os, sys, time
 from pathlib import Path
-from tuneval.ddp_worker import report_user_error
+from tuneval.pipeline.ddp_worker import report_user_error
 from tuneval.errors import TunevalError
 work = Path(json.loads(Path(sys.argv[1]).read_text())["work_dir"])
 if os.environ["RANK"] == "1":
@@ -197,8 +197,8 @@ time.sleep(60)  # rank 0 waits, as in a collective: torchrun must stop it
 def test_a_user_error_on_any_rank_comes_back_as_one_line(tmp_path: Path, monkeypatch, capfd) -> None:
     import os
 
-    from tuneval.distributed import launch
     from tuneval.errors import TunevalError
+    from tuneval.training.launch import launch
 
     (tmp_path / "failing_worker.py").write_text(FAILING_WORKER)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

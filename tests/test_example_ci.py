@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuneval import example_ci
 from tuneval.problems import classification, extractive_qa, seq2seq
+from tuneval.reporting import example_ci
 
 RNG = np.random.default_rng(7)
 REFS = RNG.integers(0, 3, 300).tolist()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneval.cli import main
+from tuneval.cli.main import main
 
 pytestmark = pytest.mark.integration
 

@@ -15,13 +15,16 @@ import pytest
 import torch
 from test_flow import mlflow_client, run_cli
 from test_stages import runs_of
+from tuneval.tasks import load_task, predict_task, prepare_task, score_task
 
-from tasks import load_task, predict_task, prepare_task, score_task
-from tuneval import fused, hash_dropout, stages, training
-from tuneval.batching import length_grouped_batches
+from tuneval import accel
 from tuneval.config.schema import TrainSettings
+from tuneval.data.batching import length_grouped_batches
+from tuneval.pipeline import finetune, finetune_group, keys
 from tuneval.problems import classification
 from tuneval.settings import Settings
+from tuneval.training import hash_dropout, loop, multi_seed
+from tuneval.training.device import seed_everything
 
 RTOL, ATOL = 1e-4, 1e-5
 SEEDS = [1, 2, 3]
@@ -69,7 +72,7 @@ def _model(model_dir: Path, tok, seed: int):
     class Spec:
         revision, trust_remote_code, pooling = None, False, "auto"
 
-    training.seed_everything(seed)
+    seed_everything(seed)
     model = classification.new_classifier(str(model_dir / "bert"), Spec, tok, 2, None)
     hash_dropout.install(model, seed)
     return model
@@ -103,13 +106,13 @@ def test_fused_equals_solo_per_seed(model_dir: Path, toy) -> None:
     solo = []
     for sd in SEEDS:
         m = _model(model_dir, tok, sd)
-        r = training.train(
+        r = loop.train(
             m, train_ds, s, sd, classification.loss_fn, evaluate, tok.pad_token_id, "right", dev, None, False
         )
         solo.append((m, r))
     models = [_model(model_dir, tok, sd) for sd in SEEDS]
-    assert fused.why_not(models, [s] * 3, "fp32") is None
-    results = fused.train_fused(models, SEEDS, train_ds, s, [evaluate] * 3, tok.pad_token_id, "right", dev, False)
+    assert multi_seed.why_not(models, [s] * 3, "fp32") is None
+    results = multi_seed.train_fused(models, SEEDS, train_ds, s, [evaluate] * 3, tok.pad_token_id, "right", dev, False)
 
     for (m_solo, r_solo), m_fused, r_fused in zip(solo, models, results, strict=True):
         want, got = dict(m_solo.named_parameters()), dict(m_fused.named_parameters())
@@ -131,11 +134,11 @@ def test_why_not_names_the_reason(model_dir: Path, toy) -> None:
     tok = toy[0]
     models = [_model(model_dir, tok, sd) for sd in (1, 2)]
     s = TrainSettings()
-    assert "differ" in fused.why_not(models, [s, s.model_copy(update={"learning_rate": 1e-4})], "fp32")
-    assert "fp16" in fused.why_not(models, [s, s], "fp16")
-    assert "fewer than 2" in fused.why_not(models[:1], [s], "fp32")
+    assert "differ" in multi_seed.why_not(models, [s, s.model_copy(update={"learning_rate": 1e-4})], "fp32")
+    assert "fp16" in multi_seed.why_not(models, [s, s], "fp16")
+    assert "fewer than 2" in multi_seed.why_not(models[:1], [s], "fp32")
     # fuse_seeds itself does not count as a difference.
-    assert fused.why_not(models, [s, s.model_copy(update={"fuse_seeds": True})], "fp32") is None
+    assert multi_seed.why_not(models, [s, s.model_copy(update={"fuse_seeds": True})], "fp32") is None
 
 
 def _fused_project(project: Path, seeds=SEEDS, **train):
@@ -150,12 +153,12 @@ def test_fused_stage_artifacts_per_seed_cached_and_equal_to_solo(project: Path) 
     settings = Settings.from_env(project, track=False)
     runs = _fused_project(project)
     prepared = prepare_task.fn(runs[0], settings, load_task.fn(runs[0], settings).ref).ref
-    outcomes, reason = fused.finetune_seeds(runs, settings, prepared, progress=False)
+    outcomes, reason = finetune_group.finetune_seeds(runs, settings, prepared, progress=False)
     assert reason is None and sorted(outcomes) == SEEDS
     assert {o.status for o in outcomes.values()} == {"fused"}
     for run in runs:
         # The solo stage finds each seed's artifact under its own key; predict and score work on it.
-        tuned = stages.finetune(run, settings, prepared, progress=False)
+        tuned = finetune.finetune(run, settings, prepared, progress=False)
         assert tuned.status == "cached" and tuned.ref.key == outcomes[run.seed].ref.key
         meta = tuned.ref.meta()
         assert meta["fused_seeds"] == SEEDS and meta["dropout_masks"] == "hash"
@@ -163,7 +166,7 @@ def test_fused_stage_artifacts_per_seed_cached_and_equal_to_solo(project: Path) 
         assert len(json.loads((tuned.ref.dir / "history.json").read_text())) > 0
         predicted = predict_task.fn(run, settings, tuned.ref, prepared)
         assert score_task.fn(run, settings, predicted.ref, prepared).ref.meta()["metrics"]["accuracy"] >= 0.9
-    assert fused.finetune_seeds(runs, settings, prepared, progress=False) == ({}, "0 seed(s) left to train")
+    assert finetune_group.finetune_seeds(runs, settings, prepared, progress=False) == ({}, "0 seed(s) left to train")
 
     # One seed's artifact lost: it is trained alone (hashed dropout too) and lands within tolerance.
     from safetensors.torch import load_file
@@ -173,8 +176,8 @@ def test_fused_stage_artifacts_per_seed_cached_and_equal_to_solo(project: Path) 
     import shutil
 
     shutil.rmtree(lost)
-    assert fused.finetune_seeds(runs, settings, prepared, progress=False) == ({}, "1 seed(s) left to train")
-    solo = stages.finetune(runs[1], settings, prepared, progress=False)
+    assert finetune_group.finetune_seeds(runs, settings, prepared, progress=False) == ({}, "1 seed(s) left to train")
+    solo = finetune.finetune(runs[1], settings, prepared, progress=False)
     assert solo.status == "ran" and solo.ref.key == outcomes[2].ref.key
     solo_head = load_file(str(solo.ref.dir / "model" / classification.HEAD_FILE))
     for name in fused_head:
@@ -183,16 +186,16 @@ def test_fused_stage_artifacts_per_seed_cached_and_equal_to_solo(project: Path) 
 
 def test_fusion_off_keeps_the_solo_key(project: Path) -> None:
     settings = Settings.from_env(project, track=False)
-    [off] = runs_of(project)  # one seed: auto resolves to off
-    assert off.train.fuse_seeds is False and not stages.hashed_dropout(off, settings)
+    [off] = runs_of(project)  # the default: off
+    assert off.train.fuse_seeds is False and not keys.hashed_dropout(off)
     [on] = _fused_project(project, seeds=[1])
     prepared = prepare_task.fn(off, settings, load_task.fn(off, settings).ref).ref
-    key_off, parts_off = stages.finetune_key(off, settings, prepared)
-    key_on, parts_on = stages.finetune_key(on, settings, prepared)
-    # Only the dropout scheme separates them (hashed masks vs those of tuneval's encoder kernels),
+    key_off, parts_off = keys.finetune_key(off, settings, prepared)
+    key_on, parts_on = keys.finetune_key(on, settings, prepared)
+    # Only the dropout scheme separates them (hashed masks vs those of tuneval's CPU forward),
     # never the switch itself.
     assert key_off != key_on and parts_on["spec"].pop("dropout_masks") == "hash"
-    assert parts_off["spec"].pop("encoder_kernels_version") == stages.ENCODER_KERNELS_VERSION
+    assert parts_off["spec"].pop("encoder_forward") == f"tuneval-{accel.FORWARD_VERSION}"
     assert parts_on["spec"] == parts_off["spec"] and "fuse_seeds" not in parts_on["spec"]["train"]
 
 
@@ -247,13 +250,13 @@ def test_hashed_dropout_solo_run_resumes_exactly(model_dir: Path, tmp_path: Path
         return model
 
     whole = fresh()
-    ref = training.train(whole, ds, s, 11, classification.loss_fn, None, tok.pad_token_id, "right", cpu, None, False)
+    ref = loop.train(whole, ds, s, 11, classification.loss_fn, None, tok.pad_token_id, "right", cpu, None, False)
     assert whole.dropout.hash_state[1] > 0  # masks were drawn
     work = tmp_path / "work"
     with pytest.raises(Crash):
-        training.train(fresh(), ds, s, 11, _crashing(5), None, tok.pad_token_id, "right", cpu, work, False)
+        loop.train(fresh(), ds, s, 11, _crashing(5), None, tok.pad_token_id, "right", cpu, work, False)
     resumed_model = fresh()
-    resumed = training.train(
+    resumed = loop.train(
         resumed_model, ds, s, 11, classification.loss_fn, None, tok.pad_token_id, "right", cpu, work, False
     )
     assert resumed.history == ref.history

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tuneval import models
-from tuneval.batching import make_collate
+from tuneval.data.batching import make_collate
+from tuneval.models import loading
 from tuneval.problems import classification as clf
 
 
@@ -24,15 +24,15 @@ def test_pool_picks_first_and_last_real_token_under_both_paddings() -> None:
 
 
 def test_auto_pooling_by_architecture(model_dir: Path) -> None:
-    bert_cfg = models.load_config(str(model_dir / "bert"))
-    gpt_cfg = models.load_config(str(model_dir / "gpt2"))
+    bert_cfg = loading.load_config(str(model_dir / "bert"))
+    gpt_cfg = loading.load_config(str(model_dir / "gpt2"))
     assert clf.resolve_pooling("auto", bert_cfg) == "first"
     assert clf.resolve_pooling("auto", gpt_cfg) == "last"
     assert clf.resolve_pooling("first", gpt_cfg) == "first"
 
 
 def _classifier(path: Path, num_labels: int = 3) -> tuple[clf.Classifier, object]:
-    tok = models.load_tokenizer(str(path))
+    tok = loading.load_tokenizer(str(path))
     spec = SimpleNamespace(revision=None, trust_remote_code=False, pooling="auto")
     torch.manual_seed(0)
     return clf.new_classifier(str(path), spec, tok, num_labels, dropout=0.1).eval(), tok
@@ -48,7 +48,7 @@ def test_head_output_shape(model_dir: Path, name: str) -> None:
 
 
 def test_causal_lm_without_pad_token_gets_one(model_dir: Path) -> None:
-    tok = models.load_tokenizer(str(model_dir / "gpt2"))
+    tok = loading.load_tokenizer(str(model_dir / "gpt2"))
     assert tok.pad_token is not None and tok.pad_token == tok.eos_token
 
 
@@ -70,7 +70,7 @@ def test_causal_lm_logits_do_not_depend_on_padding_side(model_dir: Path) -> None
 
 
 def test_encoder_first_token_is_cls(model_dir: Path) -> None:
-    tok = models.load_tokenizer(str(model_dir / "bert"))
+    tok = loading.load_tokenizer(str(model_dir / "bert"))
     ids = tok("the movie", "the plot")["input_ids"]
     assert ids[0] == tok.cls_token_id and ids.count(tok.sep_token_id) == 2
 
@@ -86,13 +86,13 @@ def test_save_and_load_roundtrip(model_dir: Path, tmp_path: Path) -> None:
 
 def test_trainable_head_only_and_top_k(model_dir: Path) -> None:
     from tuneval.config.schema import TopK
-    from tuneval.training import apply_trainable
+    from tuneval.training.optim import apply_trainable
 
     model, _ = _classifier(model_dir / "bert")
     head = apply_trainable(model, "head")
     assert head == sum(p.numel() for p in model.classifier.parameters())
     model, _ = _classifier(model_dir / "bert")
     top1 = apply_trainable(model, TopK(top_k=1))
-    layer = models.layer_stack(model.backbone)[-1]
+    layer = loading.layer_stack(model.backbone)[-1]
     assert top1 == head + sum(p.numel() for p in layer.parameters())
-    assert not any(p.requires_grad for p in models.layer_stack(model.backbone)[0].parameters())
+    assert not any(p.requires_grad for p in loading.layer_stack(model.backbone)[0].parameters())

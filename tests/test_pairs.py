@@ -15,12 +15,12 @@ import pytest
 from scipy.stats import t as student_t
 from sklearn.metrics import f1_score
 
-from tuneval import example_ci, pairs, stats
-from tuneval import report as rp
-from tuneval.leaderboard import load, write
-from tuneval.record import SeedGroup
+from tuneval.reporting import example_ci, pairs, render, stats
+from tuneval.reporting import rules as rp
+from tuneval.reporting.publish import load, write
 from tuneval.settings import Settings
-from tuneval.tracking import Tracker
+from tuneval.tracking.client import Tracker
+from tuneval.tracking.record import SeedGroup
 
 CONFIG = """\
 models:
@@ -210,5 +210,5 @@ def test_section_in_markdown_and_html(report: rp.Report, tmp_path: Path) -> None
     row = next(line for line in md.splitlines() if line.startswith("| single | accuracy ↑ | a | b |"))
     assert "+0.4000" in row and "| better |" in row
     # Without two models on a benchmark there is no section.
-    assert "Pairwise comparisons" not in rp.markdown(dataclasses.replace(report, pairs=[]))
+    assert "Pairwise comparisons" not in render.markdown(dataclasses.replace(report, pairs=[]))
     assert np.isfinite([p.better_by for p in report.pairs if p.better_by is not None]).all()

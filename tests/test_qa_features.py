@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from tuneval import models
 from tuneval.config.schema import ExtractiveQABenchmark
 from tuneval.errors import DataError
+from tuneval.models import loading
 from tuneval.problems import extractive_qa, qa_features
 
 WORDS = "the movie film great good bad awful boring brilliant fun dull plot acting actor story".split()
@@ -19,7 +19,7 @@ def bench(**kw) -> ExtractiveQABenchmark:
 
 @pytest.fixture(scope="module")
 def tok(model_dir):
-    return models.load_tokenizer(str(model_dir / "bert"))
+    return loading.load_tokenizer(str(model_dir / "bert"))
 
 
 def long_context(n: int = 30) -> str:

@@ -11,7 +11,7 @@ import tiny
 from conftest import write_rows
 from test_stages import all_stages, runs_of, statuses
 
-from tuneval.cli import main
+from tuneval.cli.main import main
 from tuneval.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import tiny
 import torch
 from datasets import Dataset
 
-from tuneval import models
 from tuneval.config.schema import ExtractiveQABenchmark
+from tuneval.models import loading
 from tuneval.problems import extractive_qa as qa
 from tuneval.problems.base import Runtime
 
@@ -33,7 +33,7 @@ def features(tok, split: str = "test") -> Dataset:
 
 
 def batch_of(ds: Dataset, side: str, pad_id: int) -> dict[str, torch.Tensor]:
-    from tuneval.batching import make_collate
+    from tuneval.data.batching import make_collate
 
     cols = [c for c in qa.TRAIN_COLUMNS if c in ds.column_names]
     rows = ds.select_columns(cols)
@@ -42,7 +42,7 @@ def batch_of(ds: Dataset, side: str, pad_id: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_loss_is_the_mean_of_start_and_end_cross_entropy_as_hf(model_dir: Path, name: str) -> None:
-    tok = models.load_tokenizer(str(model_dir / name))
+    tok = loading.load_tokenizer(str(model_dir / name))
     model = qa.build_model(FakeRun(model_dir / name), tok, {}).eval()
     ds, _ = features(tok, "train")
     same_len = ds.filter(lambda r: len(r["input_ids"]) == 32)  # no padding: HF's head sees the same logits
@@ -55,7 +55,7 @@ def test_loss_is_the_mean_of_start_and_end_cross_entropy_as_hf(model_dir: Path, 
 
 
 def test_decoder_left_padding_gives_the_same_loss_as_right(model_dir: Path) -> None:
-    tok = models.load_tokenizer(str(model_dir / "gpt2-left"))
+    tok = loading.load_tokenizer(str(model_dir / "gpt2-left"))
     assert tok.padding_side == "left" and tok.pad_token == tok.eos_token  # the foundation's pad handling
     model = qa.build_model(FakeRun(model_dir / "gpt2-left"), tok, {}).eval()
     assert type(model.hf).__name__ == "GPT2ForQuestionAnswering"
@@ -70,7 +70,7 @@ def test_decoder_left_padding_gives_the_same_loss_as_right(model_dir: Path) -> N
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_predict_after_save_and_load(model_dir: Path, tmp_path: Path, name: str) -> None:
-    tok = models.load_tokenizer(str(model_dir / name))
+    tok = loading.load_tokenizer(str(model_dir / name))
     model = qa.build_model(FakeRun(model_dir / name), tok, {})
     ds, info = features(tok)
     qa.save_model(model, tok, tmp_path / "m", info)
@@ -89,9 +89,9 @@ def test_predict_after_save_and_load(model_dir: Path, tmp_path: Path, name: str)
 
 
 def test_head_only_training_freezes_the_backbone(model_dir: Path) -> None:
-    from tuneval.training import apply_trainable
+    from tuneval.training.optim import apply_trainable
 
-    tok = models.load_tokenizer(str(model_dir / "bert"))
+    tok = loading.load_tokenizer(str(model_dir / "bert"))
     model = qa.build_model(FakeRun(model_dir / "bert"), tok, {})
     n = apply_trainable(model, "head")
     assert n == sum(p.numel() for p in model.hf.qa_outputs.parameters())

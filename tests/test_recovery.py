@@ -12,7 +12,7 @@ from test_training import _model, _toy_dataset
 from tuneval.config.schema import TrainSettings
 from tuneval.errors import TunevalError
 from tuneval.problems import classification as clf
-from tuneval.training import fit
+from tuneval.training.recovery import fit
 
 CPU = torch.device("cpu")
 
@@ -74,7 +74,7 @@ def test_nan_in_fp32_fails_with_a_clear_message(model_dir: Path) -> None:
 
 
 def test_predict_oom_halves_the_batch_with_the_same_outputs(model_dir: Path, caplog) -> None:
-    from tuneval.inference import predict_outputs
+    from tuneval.inference.batched import predict_outputs
 
     ds, tok = _toy_dataset(model_dir)
     model = _model(model_dir).eval()

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from scipy.stats import t as student_t
 
-from tuneval import report as rp
-from tuneval.cli import REGRESSION_EXIT, main
-from tuneval.leaderboard import flag_after_run
-from tuneval.record import SeedGroup
+from tuneval.cli.commands import REGRESSION_EXIT
+from tuneval.cli.main import main
+from tuneval.reporting import render
+from tuneval.reporting import rules as rp
+from tuneval.reporting.publish import flag_after_run
 from tuneval.settings import Settings
-from tuneval.tracking import Tracker
+from tuneval.tracking.client import Tracker
+from tuneval.tracking.record import SeedGroup
 
 CONFIG = """\
 models:
@@ -140,7 +142,7 @@ def test_regressions_from_store(store: Settings) -> None:
 
 
 def test_markdown_has_mean_and_ci(store: Settings) -> None:
-    md = rp.markdown(_report(store))
+    md = render.markdown(_report(store))
     acc = M1[INV[1]]["accuracy"]
     assert f"{sum(acc) / 3:.4f} ± {t_half(acc):.4f}" in md  # 0.7200 ± 0.0497
     ppl = M1[INV[1]]["perplexity"]
@@ -230,5 +232,5 @@ def test_entries_edge_cases() -> None:
     assert (entry.run_id, entry.seeds, entry.n_seeds, entry.cache) == ("g", (1, 2), 1, "ran: score")
     assert entry.metrics["accuracy"] == rp.Estimate(0.8, 0.7, 0.86, "bootstrap")
     assert entry.metrics["accuracy"].half == pytest.approx(0.08)
-    assert rp.mean_ci(entry.metrics["accuracy"]) == "0.8000 ± 0.0800"
+    assert render.mean_ci(entry.metrics["accuracy"]) == "0.8000 ± 0.0800"
     assert rp.build("p", runs[3:]) is None

@@ -16,10 +16,10 @@ import pytest
 import torch
 from test_training import _model, _toy_dataset
 
-from tuneval import checkpoints as ckpt
 from tuneval.config.schema import TrainSettings
 from tuneval.problems import classification as clf
-from tuneval.training import train
+from tuneval.training import checkpoints as ckpt
+from tuneval.training.loop import train
 
 
 class Crash(Exception):

@@ -11,10 +11,11 @@ import tiny
 import torch
 from datasets import Dataset
 
-from tuneval import decoding, models
-from tuneval.batching import PAD_LABEL, make_collate
 from tuneval.config.schema import Seq2SeqBenchmark
+from tuneval.data.batching import PAD_LABEL, make_collate
 from tuneval.errors import DataError
+from tuneval.inference import decoding
+from tuneval.models import loading
 from tuneval.problems import seq2seq, seq2seq_models
 from tuneval.problems import seq2seq_format as fmt
 from tuneval.problems.base import Runtime
@@ -47,7 +48,7 @@ def prepared(model_dir: Path, name: str, b: Seq2SeqBenchmark | None = None, n: i
     b = b or bench()
     ds = Dataset.from_list(tiny.summary_rows(n, 7))
     info = seq2seq.check_data({"test": ds}, b, {"test": "x.jsonl"})
-    tok = models.load_tokenizer(str(model_dir / name))
+    tok = loading.load_tokenizer(str(model_dir / name))
     return seq2seq.prepare_split(ds, tok, b, info, "test"), info
 
 
@@ -97,7 +98,7 @@ def test_prepare_layouts(model_dir: Path) -> None:
         assert labels[:n] == [PAD_LABEL] * n  # the prompt never counts
         assert labels[n:] == ids[n:] and ids[-1] == 0  # target then eos (<|endoftext|> is id 0)
     bert, _ = prepared(model_dir, "bert")
-    tok = models.load_tokenizer(str(model_dir / "bert"))
+    tok = loading.load_tokenizer(str(model_dir / "bert"))
     for labels in bert["labels"]:
         assert labels[0] != tok.cls_token_id and labels[-1] == tok.sep_token_id
     assert bert["reference"][0] == tiny.summary_rows(12, 7)[0]["summary"]
@@ -107,7 +108,7 @@ def test_prepare_layouts(model_dir: Path) -> None:
 def test_loss_ignores_prompt_and_padding(model_dir: Path) -> None:
     """HF's internal (shifted) loss over a padded batch equals our per-example NLL over target tokens."""
     ds, info = prepared(model_dir, "gpt2")
-    tok = models.load_tokenizer(str(model_dir / "gpt2"))
+    tok = loading.load_tokenizer(str(model_dir / "gpt2"))
     torch.manual_seed(0)
     model = seq2seq.build_model(run_for(model_dir / "gpt2"), tok, info).eval()
     rows = ds.select_columns(list(seq2seq.TRAIN_COLUMNS))
@@ -129,7 +130,7 @@ def test_generation_batched_equals_one_by_one(model_dir: Path, name: str, beams:
     """Sorting by length and padding (left for decoder-only) must not change any output."""
     b = bench(generation={"num_beams": beams, "max_new_tokens": 5, "no_repeat_ngram_size": 2})
     ds, info = prepared(model_dir, name, b, n=7)
-    tok = models.load_tokenizer(str(model_dir / name))
+    tok = loading.load_tokenizer(str(model_dir / name))
     torch.manual_seed(0)
     model = seq2seq.build_model(run_for(model_dir / name), tok, info)
     settings = b.generation.model_dump()
@@ -154,7 +155,7 @@ def test_generation_kwargs_follow_settings() -> None:
 def test_saved_model_round_trip_keeps_scores(model_dir: Path, tmp_path: Path) -> None:
     """BERT2BERT (new cross-attention) and the start/pad/eos ids survive save and load."""
     ds, info = prepared(model_dir, "bert")
-    tok = models.load_tokenizer(str(model_dir / "bert"))
+    tok = loading.load_tokenizer(str(model_dir / "bert"))
     torch.manual_seed(0)
     model = seq2seq.build_model(run_for(model_dir / "bert"), tok, info)
     assert model.config.decoder_start_token_id == tok.cls_token_id
@@ -188,7 +189,7 @@ def test_missing_and_empty_targets_are_one_line_errors() -> None:
 def test_prefix_on_a_model_without_prefixes_warns(model_dir: Path, caplog) -> None:
     b = bench(prefix="summarize: ")
     ds, info = prepared(model_dir, "bert", b)
-    tok = models.load_tokenizer(str(model_dir / "bert"))
+    tok = loading.load_tokenizer(str(model_dir / "bert"))
     with caplog.at_level(logging.WARNING):
         seq2seq.build_model(run_for(model_dir / "bert"), tok, info)
     assert any("not pre-trained with task prefixes" in r.getMessage() for r in caplog.records)
@@ -202,7 +203,7 @@ def test_decoder_only_tokenizer_without_eos_or_pad_gets_them(model_dir: Path, tm
     tok = AutoTokenizer.from_pretrained(folder)
     tok.eos_token = tok.bos_token = None
     tok.save_pretrained(folder)
-    tok = models.load_tokenizer(str(folder))  # adds '<pad>' (no eos to reuse)
+    tok = loading.load_tokenizer(str(folder))  # adds '<pad>' (no eos to reuse)
     info = {"prefix": "", "generation": bench().generation.model_dump()}
     with caplog.at_level(logging.WARNING):
         model = seq2seq.build_model(run_for(folder), tok, info)

@@ -12,9 +12,9 @@ import tiny
 import yaml
 from conftest import write_rows
 from test_stages import all_stages, runs_of
+from tuneval.tasks import load_task, prepare_task
 
-from tasks import load_task, prepare_task
-from tuneval.cli import main
+from tuneval.cli.main import main
 from tuneval.errors import ConfigError, DataError
 from tuneval.settings import Settings
 

@@ -37,7 +37,7 @@ def scheduled(project: Path) -> Path:
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """The command in this process (a subprocess per case would cost seconds of imports each)."""
-    from tuneval.cli import main
+    from tuneval.cli.main import main
 
     code = main(list(args))
     out, err = capsys.readouterr()
@@ -82,8 +82,7 @@ def test_no_scheduled_pipeline_is_a_user_error(project: Path) -> None:
 
 def test_deploy_needs_a_reachable_server(project: Path, capsys) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.local_server import free_port
+    from tuneval.flows.local_server import free_port
 
     cfg = scheduled(project)
     code, _, err = cli(capsys, "deploy", "--pool", "gpu", "--config", str(cfg))
@@ -108,7 +107,8 @@ def test_git_source_takes_the_config_path_inside_the_repository(project: Path, c
 
 
 def test_deployed_flow_rejects_an_unknown_force_stage(project: Path) -> None:
-    from flows.deployments import pipeline_flow
+    from tuneval.flows.deployments import pipeline_flow
+
     from tuneval.errors import TunevalError
 
     with pytest.raises(TunevalError, match="unknown stage 'fine-tune'"):
@@ -137,8 +137,7 @@ def test_deployment_runs_on_a_worker_against_a_server(project: Path, tmp_path: P
     from mlflow.tracking import MlflowClient
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.local_server import free_port, start_server, stop_group
+    from tuneval.flows.local_server import free_port, start_server, stop_group
 
     cfg = scheduled(project)
     env = {

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import write_rows
+from tuneval.tasks import finetune_task, intrinsic_task, load_task, predict_task, prepare_task, score_task
 
-from tasks import finetune_task, intrinsic_task, load_task, predict_task, prepare_task, score_task
 from tuneval.config import load_config, resolve_runs
 from tuneval.errors import DataError
-from tuneval.runner import all_cached
+from tuneval.pipeline.runner import all_cached
+from tuneval.pipeline.stages import has_intrinsic
 from tuneval.settings import Settings
-from tuneval.stages import has_intrinsic
 
 
 def runs_of(project: Path, edit=None):
@@ -157,15 +158,28 @@ def test_bad_data_is_one_clear_error(project: Path, case, setup, expected) -> No
 
 
 def test_encoder_kernels_key_only_classification(project: Path) -> None:
-    # The setting exists for every problem, but only classification has the kernels: QA and
-    # seq2seq keys must not change with it (nor have changed when it was introduced).
-    from tuneval.stages import finetune_key
+    # The setting exists for every problem, but only classification has tuneval's forward: QA and
+    # seq2seq keys must not change with it.
+    import dataclasses
+
+    from tuneval.pipeline.keys import finetune_key
 
     settings = Settings.from_env(project, track=False)
     [run] = runs_of(project)
+    assert run.train.encoder_kernels == "auto"
     prepared = prepare_task.fn(run, settings, load_task.fn(run, settings).ref).ref
-    hf = run.model_copy(update={"train": run.train.model_copy(update={"encoder_kernels": "transformers"})})
+
+    def with_kernels(value: str) -> Any:
+        return run.model_copy(update={"train": run.train.model_copy(update={"encoder_kernels": value})})
+
+    hf, own = with_kernels("transformers"), with_kernels("tuneval")
     assert finetune_key(run, settings, prepared)[0] != finetune_key(hf, settings, prepared)[0]
+    # auto: tuneval's forward on a CPU, transformers' on a GPU (where it was never measured to pay).
+    cpu = dataclasses.replace(settings, device="cpu")
+    cuda = dataclasses.replace(settings, device="cuda")
+    assert finetune_key(run, cpu, prepared)[1]["spec"] == finetune_key(own, cpu, prepared)[1]["spec"]
+    assert finetune_key(run, cuda, prepared)[1]["spec"] == finetune_key(hf, cuda, prepared)[1]["spec"]
+    assert "encoder_forward" not in finetune_key(run, cuda, prepared)[1]["spec"]
     for other in ("extractive_qa", "seq2seq"):
         as_other = [
             r.model_copy(update={"benchmark": r.benchmark.model_copy(update={"problem": other})}) for r in (run, hf)

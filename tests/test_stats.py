@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneval import stats
+from tuneval.reporting import stats
 
 CASES = json.loads((Path(__file__).parent / "fixtures" / "stats_cases.json").read_text())
 
@@ -60,7 +60,7 @@ def test_paired_over_seeds() -> None:
 
 
 def test_results_are_summarized_per_model_and_benchmark() -> None:
-    from tuneval.record import summarize
+    from tuneval.tracking.record import summarize
 
     def run(model: str, seed: int, acc: float, status: str = "completed") -> dict:
         return {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneval.tracking import MAX_PARAM_VALUE, Tracker
+from tuneval.tracking.client import MAX_PARAM_VALUE, Tracker
 
 
 def test_limits_and_secrets(tmp_path: Path, monkeypatch) -> None:

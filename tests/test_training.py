@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tuneval import models
-from tuneval.batching import PAD_LABEL, length_grouped_batches, make_collate, sorted_batches
 from tuneval.config.schema import TrainSettings
-from tuneval.packed_bert import written_rows
+from tuneval.data.batching import PAD_LABEL, length_grouped_batches, make_collate, sorted_batches
+from tuneval.models import loading
 from tuneval.problems import classification as clf
-from tuneval.training import _total_norm, build_optimizer, clipped_step, linear_schedule, train
+from tuneval.training.loop import train
+from tuneval.training.optim import build_optimizer, linear_schedule
 
 
 def test_length_grouped_batches_cover_every_index_once_and_are_seeded() -> None:
@@ -73,7 +73,7 @@ def test_no_weight_decay_on_biases_and_norms(model_dir: Path) -> None:
 
 
 def _model(model_dir: Path) -> clf.Classifier:
-    tok = models.load_tokenizer(str(model_dir / "bert"))
+    tok = loading.load_tokenizer(str(model_dir / "bert"))
     spec = SimpleNamespace(revision=None, trust_remote_code=False, pooling="auto")
     torch.manual_seed(0)
     model = clf.new_classifier(str(model_dir / "bert"), spec, tok, 2, dropout=0.0)
@@ -87,7 +87,7 @@ def _toy_dataset(model_dir: Path):
     import tiny
     from datasets import Dataset
 
-    tok = models.load_tokenizer(str(model_dir / "bert"))
+    tok = loading.load_tokenizer(str(model_dir / "bert"))
     rows = tiny.sentiment_rows(32, 5)
     bench = SimpleNamespace(columns=SimpleNamespace(text="text", text_pair=None, label="label", id=None), max_length=32)
     info = {"label_names": ["negative", "positive"]}
@@ -183,7 +183,7 @@ def test_tuneval_loop_follows_a_plain_pytorch_loop(model_dir: Path) -> None:
     # The reference: the textbook loop (per-tensor AdamW, padded batches in the same order, loss
     # read every step). tuneval's (fused AdamW, loss summed on device, read every N steps,
     # set_to_none) must give the same curve and weights within fp32 noise, dropout on.
-    from tuneval.batching import iterate
+    from tuneval.data.batching import iterate
 
     ds, tok = _toy_dataset(model_dir)
     s = TrainSettings(
@@ -228,73 +228,3 @@ def test_tuneval_loop_follows_a_plain_pytorch_loop(model_dir: Path) -> None:
     torch.testing.assert_close([h["loss"] for h in got.history], losses, atol=1e-5, rtol=1e-4)
     for (name, p), q in zip(ours.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize("max_norm", [0.05, 1e4], ids=["clipping", "under-the-norm"])
-def test_clipped_step_equals_clip_grad_norm_then_step(max_norm: float) -> None:
-    # Fused AdamW gets the clip factor as its grad_scale instead of a rewrite of every gradient:
-    # the weights must follow the textbook clip_grad_norm_ + per-tensor AdamW.
-    torch.manual_seed(0)
-    ours, ref = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
-    ref.load_state_dict(ours.state_dict())
-    # A large eps makes Adam's step depend on the gradient's size, not only its direction.
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.01, eps=0.1, fused=True)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01, eps=0.1, foreach=False)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    norms = []
-    for _ in range(4):
-        x = torch.randn(32, 16) * 5
-        for model in (ours, ref):
-            model(x).pow(2).mean().backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)))
-        ref_opt.step()
-        ref_opt.zero_grad()
-        clipped_step(opt, scaler, ours, max_norm)
-        opt.zero_grad()
-        assert not hasattr(opt, "grad_scale")  # never left to scale a later, unclipped step
-        for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
-            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
-    assert (min(norms) > max_norm) == (max_norm < 1)  # the clipping case really clipped, the other did not
-
-
-def test_total_norm_reads_only_written_embedding_rows_and_equals_the_full_norm(model_dir: Path) -> None:
-    ds, tok = _toy_dataset(model_dir)
-    model = _model(model_dir).train()
-    clf.loss_fn(model, make_collate(tok.pad_token_id, "right")([ds[i] for i in range(8)])).backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert sum(written_rows(g) is not None for g in grads) == 1  # the word embedding's reused buffer
-    torch.testing.assert_close(_total_norm(grads), torch.nn.utils.get_total_norm(grads), rtol=1e-6, atol=0)
-
-
-def test_clipped_step_takes_the_embedding_through_row_adamw_and_equals_torch(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tuneval import row_adamw
-
-    if not row_adamw.native.library():
-        pytest.skip("needs the native CPU kernels")
-    ds, tok = _toy_dataset(model_dir)
-    ours, ref = _model(model_dir).train(), _model(model_dir).train()
-    ref.load_state_dict(ours.state_dict())
-    s = TrainSettings(learning_rate=1e-3, weight_decay=0.01)
-    opt, ref_opt = build_optimizer(ours, s, torch.device("cpu")), build_optimizer(ref, s, torch.device("cpu"))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    calls = []
-    real_step = row_adamw.step
-    monkeypatch.setattr(row_adamw, "step", lambda *a: calls.append(a[2].shape) or real_step(*a))
-    collate = make_collate(tok.pad_token_id, "right")
-    for start in (0, 8, 16):
-        batch = collate([ds[i] for i in range(start, start + 8)])
-        torch.manual_seed(start)
-        clf.loss_fn(ours, batch).backward()
-        torch.manual_seed(start)
-        ref.own_kernels = False  # transformers' forward: a plain dense embedding gradient
-        clf.loss_fn(ref, batch).backward()
-        clipped_step(opt, scaler, ours, 0.5)
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-        ref_opt.step()
-        opt.zero_grad(set_to_none=True)
-        ref_opt.zero_grad(set_to_none=True)
-    assert calls == [ours.backbone.embeddings.word_embeddings.weight.shape] * 3
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)

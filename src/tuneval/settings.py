@@ -25,6 +25,16 @@ class Settings:
     # One id per `tuneval run`, tagged on every MLflow run it makes: "the previous run of a pipeline".
     invocation: str = field(default_factory=new_invocation_id)
 
+    @property
+    def device_kind(self) -> str:
+        """ "cuda" or "cpu" (or another torch device type): what ``device`` resolves to, told without
+        importing torch, because it decides cache keys and a cached rerun plans without torch.
+        ``auto`` is CUDA when an NVIDIA driver is visible and CUDA_VISIBLE_DEVICES hides no card."""
+        if self.device != "auto":
+            return self.device.split(":")[0]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return "cuda" if Path("/proc/driver/nvidia/version").exists() and visible not in ("", "-1") else "cpu"
+
     @classmethod
     def from_env(cls, project_dir: str | os.PathLike[str], track: bool = True) -> Settings:
         project = Path(project_dir).resolve()

@@ -10,7 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tuneval.config.load import LoadedConfig, _suggest, merged_train, resolve_model_source, resolve_path
+from tuneval.config.load import LoadedConfig, merged_train
+from tuneval.config.messages import suggest
+from tuneval.config.paths import resolve_model_source, resolve_path
 from tuneval.config.schema import BenchmarkSpec, ModelSpec, TrainSettings
 from tuneval.errors import ConfigError
 
@@ -43,7 +45,7 @@ def select_pipelines(loaded: LoadedConfig, names: list[str] | None) -> list[str]
     unknown = [n for n in names if n not in declared]
     if unknown:
         raise ConfigError(
-            [f"{loaded.path.name}: pipelines: no pipeline named '{n}'{_suggest(n, declared)}" for n in unknown]
+            [f"{loaded.path.name}: pipelines: no pipeline named '{n}'{suggest(n, declared)}" for n in unknown]
         )
     return names
 
@@ -56,8 +58,6 @@ def resolve_runs(loaded: LoadedConfig, names: list[str] | None = None) -> list[R
     for pname in select_pipelines(loaded, names):
         pipe = cfg.pipelines[pname]
         train = merged_train(cfg, pipe)
-        if len(pipe.seeds) == 1 and train.fuse_seeds is None:
-            train = train.model_copy(update={"fuse_seeds": False})  # auto: nothing to fuse with one seed
         for mname in pipe.models:
             model = cfg.models[mname]
             model_path = resolve_model_source(model, root)

@@ -64,13 +64,13 @@ class TrainSettings(Strict):
         "seconds, so it pays off on long GPU runs only; compiled dropout draws other masks than eager "
         "(same distribution), so with dropout a compiled run is another sample, not the eager run",
     )
-    encoder_kernels: Literal["tuneval", "transformers"] = Field(
-        "tuneval",
+    encoder_kernels: Literal["auto", "tuneval", "transformers"] = Field(
+        "auto",
         description="classification with a BERT-family encoder: 'tuneval' trains, evaluates and predicts "
-        "with tuneval's own forward "
-        "(padding dropped on CPU, one Q/K/V matmul, the last layer for [CLS] only, cheaper CPU dropout "
-        "masks): the same function as transformers' to float rounding, but with dropout on it draws "
-        "other masks, so a run is another sample of the recipe; 'transformers' = the model's own forward",
+        "with tuneval's own forward (padding dropped, one Q/K/V matmul, the last layer for [CLS] only, "
+        "cheaper dropout masks; measured faster on CPU only): the same function as transformers' to float "
+        "rounding, but with dropout on it draws other masks, so a run is another sample of the recipe; "
+        "'transformers' = the model's own forward (SDPA); 'auto' = tuneval's on CPU, transformers' elsewhere",
     )
     checkpoint: Literal["last", "best"] = "last"
     checkpoint_every_steps: PositiveInt | None = Field(
@@ -86,10 +86,10 @@ class TrainSettings(Strict):
     data_seed: NonNegativeInt = Field(
         0, description="seed of the sub-sampling done by max_*_samples (shared by all seeds)"
     )
-    fuse_seeds: bool | None = Field(
-        None,
-        description="train a pipeline's seeds as one batched model in one pass (hashed dropout masks); "
-        "None = on when training on CUDA with several seeds",
+    fuse_seeds: bool = Field(
+        False,
+        description="train a pipeline's seeds as one batched model in one pass (hashed dropout masks, "
+        "eager attention); opt-in: not yet measured to pay on a GPU, and slower on a CPU",
     )
 
 

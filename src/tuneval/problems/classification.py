@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuneval import models, packed_bert
 from tuneval.errors import DataError
+from tuneval.models import loading
 from tuneval.problems.base import Runtime
 
 NAME = "classification"
@@ -106,21 +107,21 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(models.hidden_size(backbone.config), num_labels)
+        self.classifier = nn.Linear(loading.hidden_size(backbone.config), num_labels)
         std = getattr(backbone.config, "initializer_range", 0.02)
         nn.init.normal_(self.classifier.weight, std=std)
         nn.init.zeros_(self.classifier.bias)
-        # tuneval's own encoder forward where it reproduces the backbone (packed_bert.supports);
-        # False = always transformers' forward (train.encoder_kernels: transformers).
-        self.own_kernels = True
+        # backbone + pooling in one call, set by ``accel.apply`` (tuneval's CPU forward); None =
+        # the backbone's own forward, then ``pool``.
+        self.encoder_forward: Callable[..., torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last" and "position_ids" not in kw:
             # Causal LMs count positions by index: under left padding the first real token must
             # still be position 0, or the same text gets other logits in another batch.
             kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if self.own_kernels and set(kw) <= {"token_type_ids"} and packed_bert.supports(self.backbone, self.pooling):
-            pooled = packed_bert.first_token_states(self.backbone, input_ids, attention_mask, kw.get("token_type_ids"))
+        if self.encoder_forward is not None and set(kw) <= {"token_type_ids"}:
+            pooled = self.encoder_forward(self.backbone, input_ids, attention_mask, kw.get("token_type_ids"))
             return self.classifier(self.dropout(pooled))
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling)
@@ -140,7 +141,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 def resolve_pooling(requested: str, config: Any) -> str:
     if requested != "auto":
         return requested
-    return "last" if models.is_causal_lm(config) else "first"
+    return "last" if loading.is_causal_lm(config) else "first"
 
 
 def build_model(run: Any, tokenizer: Any, info: dict[str, Any]) -> Classifier:
@@ -154,7 +155,7 @@ def new_classifier(
     num_labels: int,
     dropout: float | None,
 ) -> Classifier:
-    backbone = models.load_backbone(model_path, model_spec.revision, model_spec.trust_remote_code)
+    backbone = loading.load_backbone(model_path, model_spec.revision, model_spec.trust_remote_code)
     if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
         backbone.resize_token_embeddings(len(tokenizer))
     cfg = backbone.config
@@ -197,8 +198,8 @@ def load_model(folder: Path) -> tuple[Classifier, Any, dict[str, Any]]:
     from safetensors.torch import load_file
 
     head_cfg = json.loads((folder / HEAD_CONFIG).read_text())
-    backbone = models.load_backbone(str(folder / "backbone"))
-    tokenizer = models.load_tokenizer(str(folder / "backbone"))
+    backbone = loading.load_backbone(str(folder / "backbone"))
+    tokenizer = loading.load_tokenizer(str(folder / "backbone"))
     model = Classifier(backbone, head_cfg["num_labels"], head_cfg["pooling"], head_cfg["dropout"])
     model.classifier.load_state_dict(load_file(str(folder / HEAD_FILE)))
     return model, tokenizer, {"label_names": head_cfg["label_names"]}
@@ -221,7 +222,7 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 
 def _logits(model: nn.Module, tokenizer: Any, ds: Any, rt: Runtime) -> torch.Tensor:
-    from tuneval.inference import predict_outputs
+    from tuneval.inference.batched import predict_outputs
 
     return predict_outputs(
         model,

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuneval import models
 from tuneval.errors import DataError, ModelError
+from tuneval.models import loading
 from tuneval.problems import qa_features, qa_postprocess
 from tuneval.problems.base import Runtime
 
@@ -155,7 +155,7 @@ def save_model(model: QAModel, tokenizer: Any, folder: Path, info: dict[str, Any
 
 def load_model(folder: Path) -> tuple[QAModel, Any, dict[str, Any]]:
     model = QAModel(_load_hf(str(folder)))
-    tokenizer = models.load_tokenizer(str(folder))
+    tokenizer = loading.load_tokenizer(str(folder))
     return model, tokenizer, json.loads((folder / INFO_FILE).read_text())["info"]
 
 
@@ -189,7 +189,7 @@ def _mask_padding(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
 
 def _logits(model: nn.Module, tokenizer: Any, ds: Any, rt: Runtime) -> torch.Tensor:
     """[windows, width, 2] over the widest window; positions past a window's end hold ``NEG``."""
-    from tuneval.inference import predict_outputs
+    from tuneval.inference.batched import predict_outputs
 
     width = max(len(x) for x in ds["input_ids"])
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from tuneval import models
 from tuneval.errors import DataError
+from tuneval.models import loading
 from tuneval.problems import seq2seq_format as fmt
 from tuneval.problems import seq2seq_models as sm
 from tuneval.problems.base import Runtime
@@ -52,7 +52,7 @@ def check_data(splits: dict[str, Any], bench: Any, sources: dict[str, str]) -> d
                     f"{sources[split]}: row {bad[0] + 1}: '{name}' is empty or not text in split '{split}' "
                     f"({len(bad)} such rows); remove those rows or fix benchmarks.<name>.columns.{field}"
                 )
-    # Generation settings are not here: the predict stage hands them over (stages.predict_options),
+    # Generation settings are not here: the predict stage hands them over (keys.predict_options),
     # so changing them reruns predict and score only.
     return {"prefix": bench.prefix}
 
@@ -76,7 +76,7 @@ def prepare_split(ds: Any, tokenizer: Any, bench: Any, info: dict[str, Any], spl
     source_path = tokenizer.name_or_path
     arch = sm.architecture_of(source_path)
     sm.ensure_special_tokens(tokenizer, arch, source_path)
-    start = sm.decoder_start_id(models.load_config(source_path), tokenizer, arch)
+    start = sm.decoder_start_id(loading.load_config(source_path), tokenizer, arch)
     sep_ids = tokenizer(fmt.CAUSAL_SEPARATOR, add_special_tokens=False)["input_ids"]
     cols, keep_text = bench.columns, split != "train"
 
@@ -188,7 +188,7 @@ def evaluate(model: nn.Module, tokenizer: Any, ds: Any, info: dict[str, Any], rt
 def predict(model: nn.Module, tokenizer: Any, ds: Any, info: dict[str, Any], rt: Runtime) -> dict[str, list[Any]]:
     """Generated text beside its reference and source, with the teacher-forced NLL of the reference.
     ``info["generation"]`` comes from the predict stage (the benchmark's generation block)."""
-    from tuneval import decoding
+    from tuneval.inference import decoding
 
     texts = decoding.generate_texts(model, tokenizer, ds, info["generation"], rt.device, rt.precision, rt.progress)
     r = _nll(model, tokenizer, ds, rt)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneval.batching import PAD_LABEL
+from tuneval.data.batching import PAD_LABEL
 
 CAUSAL_SEPARATOR = "\n"  # ends a decoder-only prompt, so the model can tell where the target starts
 

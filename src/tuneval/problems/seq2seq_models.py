@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuneval import models
-from tuneval.batching import PAD_LABEL, iterate, make_collate, sorted_batches
+from tuneval.data.batching import PAD_LABEL, iterate, make_collate, sorted_batches
 from tuneval.errors import ModelError
+from tuneval.models import loading
 
 log = logging.getLogger(__name__)
 # EncoderDecoderModel warns on every labelled call that pre-4.12 checkpoints computed the loss
@@ -38,12 +38,12 @@ PREFIX_FAMILIES = ("t5", "mt5", "umt5", "longt5", "switch_transformers")  # pre-
 def architecture(config: Any) -> str:
     if getattr(config, "is_encoder_decoder", False):
         return ENCODER_DECODER
-    return DECODER_ONLY if models.is_causal_lm(config) else ENCODER_ONLY
+    return DECODER_ONLY if loading.is_causal_lm(config) else ENCODER_ONLY
 
 
 @functools.lru_cache(maxsize=8)
 def architecture_of(source: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
-    return architecture(models.load_config(source, revision, trust_remote_code))
+    return architecture(loading.load_config(source, revision, trust_remote_code))
 
 
 def uses_prefix(model_type: str) -> bool:
@@ -153,7 +153,7 @@ def load(folder: Path) -> tuple[nn.Module, Any, str, dict[str, Any]]:
     arch = meta["architecture"]
     cls = {ENCODER_DECODER: AutoModelForSeq2SeqLM, DECODER_ONLY: AutoModelForCausalLM}.get(arch, EncoderDecoderModel)
     model = cls.from_pretrained(str(folder / "model"), dtype="float32")
-    tokenizer = models.load_tokenizer(str(folder / "model"))
+    tokenizer = loading.load_tokenizer(str(folder / "model"))
     return model, tokenizer, arch, meta["info"]
 
 

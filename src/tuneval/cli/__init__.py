@@ -1,0 +1,1 @@
+"""The ``tuneval`` command line (``tuneval.cli.main``)."""

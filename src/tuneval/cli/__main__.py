@@ -1,0 +1,5 @@
+"""``python -m tuneval.cli``."""
+
+from tuneval.cli.main import entry
+
+entry()

@@ -1,0 +1,1 @@
+"""Benchmark data: the load stage's Arrow splits, and batching with dynamic padding."""

@@ -1,0 +1,1 @@
+"""Inference: batched forward passes and generation."""

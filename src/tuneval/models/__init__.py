@@ -1,0 +1,1 @@
+"""Pre-trained models: loading backbones and tokenizers, and their fingerprints."""

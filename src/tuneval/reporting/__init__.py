@@ -1,0 +1,1 @@
+"""Reporting: leaderboard rules, rendering, publishing, pairwise comparisons, statistics, charts."""
