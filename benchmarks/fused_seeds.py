@@ -75,7 +75,8 @@ def model_path(source: str) -> str:
 def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
-    from tuneval.config.schema import ModelSpec, TrainSettings
+    from tuneval.config.schema import ModelSpec
+    from tuneval.config.train import TrainSettings
     from tuneval.models.loading import load_tokenizer
     from tuneval.problems.classification import loss_fn, new_classifier
     from tuneval.training import hash_dropout, loop, multi_seed

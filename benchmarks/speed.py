@@ -120,7 +120,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     # The Trainer and tuneval-transformers run the model's own (transformers) forward; tuneval runs
     # the levers the stages would choose on this device (tuneval.accel), as a run would.
     from tuneval import accel
-    from tuneval.config.schema import TrainSettings
+    from tuneval.config.train import TrainSettings
 
     levers = accel.choose(TrainSettings(), "classification", device.type)
     if args.variant == "tuneval-transformers":
@@ -212,7 +212,7 @@ def encode(tokenizer, rows: list[dict], max_length: int, pad: bool):
 
 
 def train_tuneval(model, tokenizer, ds, args, device, compile: bool = False) -> dict:
-    from tuneval.config.schema import TrainSettings
+    from tuneval.config.train import TrainSettings
     from tuneval.problems.classification import loss_fn
     from tuneval.training.loop import train
 

@@ -64,7 +64,7 @@ def main() -> None:
     import torch
 
     from tuneval import accel
-    from tuneval.config.schema import TrainSettings
+    from tuneval.config.train import TrainSettings
     from tuneval.data.batching import length_grouped_batches, make_collate
     from tuneval.problems.classification import loss_fn
     from tuneval.training.optim import build_optimizer, clip_and_step

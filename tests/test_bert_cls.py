@@ -11,7 +11,7 @@ from transformers import BertConfig, BertModel
 
 from tuneval import accel
 from tuneval.accel import bert_cls
-from tuneval.config.schema import TrainSettings
+from tuneval.config.train import TrainSettings
 from tuneval.problems import classification as clf
 from tuneval.training import hash_dropout
 from tuneval.training.loop import train

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from tuneval.config import load_config, resolve_runs
-from tuneval.config.schema import Config, TrainSettings
+from tuneval.config.schema import Config
+from tuneval.config.train import TrainSettings
 from tuneval.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from test_stages import runs_of
 from tuneval.tasks import load_task, predict_task, prepare_task, score_task
 
 from tuneval import accel
-from tuneval.config.schema import TrainSettings
+from tuneval.config.train import TrainSettings
 from tuneval.data.batching import length_grouped_batches
 from tuneval.pipeline import finetune, finetune_group, keys
 from tuneval.problems import classification

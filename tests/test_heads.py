@@ -85,7 +85,7 @@ def test_save_and_load_roundtrip(model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_trainable_head_only_and_top_k(model_dir: Path) -> None:
-    from tuneval.config.schema import TopK
+    from tuneval.config.train import TopK
     from tuneval.training.optim import apply_trainable
 
     model, _ = _classifier(model_dir / "bert")

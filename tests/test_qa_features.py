@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from tuneval.config.schema import ExtractiveQABenchmark
+from tuneval.config.benchmarks import ExtractiveQABenchmark
 from tuneval.errors import DataError
 from tuneval.models import loading
 from tuneval.problems import extractive_qa, qa_features

@@ -9,7 +9,7 @@ import tiny
 import torch
 from datasets import Dataset
 
-from tuneval.config.schema import ExtractiveQABenchmark
+from tuneval.config.benchmarks import ExtractiveQABenchmark
 from tuneval.models import loading
 from tuneval.problems import extractive_qa as qa
 from tuneval.problems.base import Runtime

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_training import _model, _toy_dataset
 
-from tuneval.config.schema import TrainSettings
+from tuneval.config.train import TrainSettings
 from tuneval.problems import classification as clf
 from tuneval.training import checkpoints as ckpt
 from tuneval.training.loop import train

@@ -11,7 +11,7 @@ import tiny
 import torch
 from datasets import Dataset
 
-from tuneval.config.schema import Seq2SeqBenchmark
+from tuneval.config.benchmarks import Seq2SeqBenchmark
 from tuneval.data.batching import PAD_LABEL, make_collate
 from tuneval.errors import DataError
 from tuneval.inference import decoding

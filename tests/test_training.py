@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tuneval.config.schema import TrainSettings
+from tuneval.config.train import TrainSettings
 from tuneval.data.batching import PAD_LABEL, length_grouped_batches, make_collate, sorted_batches
 from tuneval.models import loading
 from tuneval.problems import classification as clf

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from tuneval.config.messages import dedupe, describe, format_problem, line_index, suggest
 from tuneval.config.paths import file_format, resolve_model_source, resolve_path
-from tuneval.config.schema import Config, ModelSpec, PipelineSpec, TrainSettings
+from tuneval.config.schema import Config, ModelSpec, PipelineSpec
+from tuneval.config.train import TrainSettings
 from tuneval.errors import ConfigError
 
 DEFAULT_CONFIG = "pipelines.yaml"
@@ -153,7 +154,7 @@ def _check_paths(raw: dict[str, Any], root: Path) -> list[tuple[tuple[Any, ...],
     reported together with schema errors elsewhere in the file."""
     from pydantic import TypeAdapter
 
-    from tuneval.config.schema import BenchmarkSpec
+    from tuneval.config.benchmarks import BenchmarkSpec
 
     out: list[tuple[tuple[Any, ...], str]] = []
     benchmarks = raw.get("benchmarks") if isinstance(raw.get("benchmarks"), dict) else {}

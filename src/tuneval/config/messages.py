@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from tuneval.config.schema import TrainSettings
+from tuneval.config.train import TrainSettings
 
 
 def describe(err: Any) -> str:
@@ -88,12 +88,12 @@ def format_problem(
 
 def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any] | None = None) -> list[str]:
     """Field names allowed beside an unknown key, for the error message."""
-    from tuneval.config import schema
+    from tuneval.config import benchmarks, schema
 
     kinds: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
-        "classification": (schema.ClassificationBenchmark, schema.ClassificationColumns),
-        "extractive_qa": (schema.ExtractiveQABenchmark, schema.QAColumns),
-        "seq2seq": (schema.Seq2SeqBenchmark, schema.Seq2SeqColumns),
+        "classification": (benchmarks.ClassificationBenchmark, benchmarks.ClassificationColumns),
+        "extractive_qa": (benchmarks.ExtractiveQABenchmark, benchmarks.QAColumns),
+        "seq2seq": (benchmarks.Seq2SeqBenchmark, benchmarks.Seq2SeqColumns),
     }
     if len(loc) >= 2 and loc[-2] == "train":
         return list(TrainSettings.model_fields)
@@ -103,7 +103,7 @@ def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any] | None = None) -> li
         bench, columns = kinds.get(_problem_of(raw, loc[1]), kinds["classification"])
         if len(loc) == 3:
             return list(bench.model_fields)
-        sub = {"data": schema.DataSpec, "generation": schema.GenerationSettings, "columns": columns}.get(loc[2])
+        sub = {"data": benchmarks.DataSpec, "generation": benchmarks.GenerationSettings, "columns": columns}.get(loc[2])
         return list(sub.model_fields) if sub else []
     top = {"models": schema.ModelSpec, "pipelines": schema.PipelineSpec}
     if len(loc) == 3 and loc[0] in top:

@@ -10,10 +10,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from tuneval.config.benchmarks import BenchmarkSpec
 from tuneval.config.load import LoadedConfig, merged_train
 from tuneval.config.messages import suggest
 from tuneval.config.paths import resolve_model_source, resolve_path
-from tuneval.config.schema import BenchmarkSpec, ModelSpec, TrainSettings
+from tuneval.config.schema import ModelSpec
+from tuneval.config.train import TrainSettings
 from tuneval.errors import ConfigError
 
 

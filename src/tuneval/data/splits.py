@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tuneval.config.benchmarks import DataSpec
 from tuneval.config.paths import data_format
-from tuneval.config.schema import DataSpec
 from tuneval.errors import DataError
 from tuneval.pipeline.store import sha256_file
 

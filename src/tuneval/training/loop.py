@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tuneval.config.schema import TrainSettings
+from tuneval.config.train import TrainSettings
 from tuneval.data.batching import length_grouped_batches, make_collate
 from tuneval.errors import TunevalError
 from tuneval.training import checkpoints as ckpt

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuneval.config.schema import TrainSettings
+from tuneval.config.train import TrainSettings
 from tuneval.data.batching import length_grouped_batches, make_collate
 from tuneval.training import hash_dropout
 from tuneval.training.device import resolve_precision

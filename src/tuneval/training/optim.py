@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tuneval.config.schema import TrainSettings
+from tuneval.config.train import TrainSettings
 from tuneval.models.loading import layer_stack
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tuneval.config.schema import TrainSettings
+from tuneval.config.train import TrainSettings
 from tuneval.errors import TunevalError
 from tuneval.training import checkpoints as ckpt
 from tuneval.training.device import resolve_precision
