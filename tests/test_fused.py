@@ -262,3 +262,51 @@ def test_hashed_dropout_solo_run_resumes_exactly(model_dir: Path, tmp_path: Path
     assert resumed.history == ref.history
     for (name, p), q in zip(whole.named_parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_an_interrupted_multi_seed_pass_resumes_to_the_same_result(
+    model_dir: Path, toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The multi-seed pass runs the solo loop, checkpoints included: killed part-way, it resumes
+    from the newest checkpoint (stacked weights, AdamW state, each seed's data order and mask
+    counters) and ends where the uninterrupted pass ends, bit for bit."""
+    from test_resume import Crash
+
+    tok, train_ds, val_ds = toy
+    s = TrainSettings(
+        epochs=2, learning_rate=2e-3, batch_size=16, warmup_steps=2, log_every_steps=1, checkpoint_every_steps=2
+    )
+    seeds, dev = SEEDS[:2], torch.device("cpu")
+    rt = classification.Runtime(device=dev, precision="fp32", batch_size=64)
+
+    def evaluate(m):
+        return classification.evaluate(m, tok, val_ds, {"label_names": ["negative", "positive"]}, rt)
+
+    def fused(work: Path | None):
+        models = [_model(model_dir, tok, sd) for sd in seeds]
+        return models, multi_seed.train_fused(
+            models, seeds, train_ds, s, [evaluate] * 2, tok.pad_token_id, "right", dev, False, work_dir=work
+        )
+
+    whole, ref = fused(None)
+    real = multi_seed.Stacked.losses
+    calls = {"n": 0}
+
+    def crashing(self, batch):
+        calls["n"] += 1
+        if calls["n"] > 9:  # epoch 2, between checkpoints
+            raise Crash
+        return real(self, batch)
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(multi_seed.Stacked, "losses", crashing)
+    with pytest.raises(Crash):
+        fused(work)
+    monkeypatch.setattr(multi_seed.Stacked, "losses", real)
+    assert list(work.glob("ckpt-*.pt"))
+    torch.manual_seed(999)  # the resumed process starts from another RNG state
+    resumed_models, resumed = fused(work)
+    for a, b, m_ref, m_res in zip(ref, resumed, whole, resumed_models, strict=True):
+        assert a.history == b.history and a.epochs == b.epochs and len(a.epochs) == 2
+        for (name, p), q in zip(m_ref.named_parameters(), m_res.parameters(), strict=True):
+            assert torch.equal(p, q), name

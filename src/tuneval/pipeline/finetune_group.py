@@ -7,6 +7,7 @@ by the solo stage as before.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import replace
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from filelock import FileLock
 
 from tuneval import problems
 from tuneval.data.splits import open_split
@@ -33,27 +35,43 @@ log = logging.getLogger(__name__)
 def finetune_seeds(
     runs: list[Any], settings: Any, prepared: Any, force: bool = False, progress: bool = True
 ) -> tuple[dict[int, Any], str | None]:
-    """Build the finetune artifacts of a seed group (runs that differ only by seed) in one fused
-    pass, each under its own seed's key, exactly where the solo stage looks for it.
+    """Build the finetune artifacts of a seed group (runs that differ only by seed) in one
+    multi-seed pass, each under its own seed's key, exactly where the solo stage looks for it.
 
     Returns ``({seed: StageOutcome}, reason)``: the outcomes of the seeds built fused, and why
-    fusion did not apply (None when it did). Seeds left out (cached already, resumable from a
-    checkpoint, or fusion not applicable) are trained by the solo stage as before.
+    fusion did not apply (None when it did). Seeds left out (cached already, resumable from a solo
+    checkpoint, or fusion not applicable) are trained by the solo stage as before. The pass
+    checkpoints into a work folder keyed by its seeds' keys, so an interrupted pass resumes; one
+    process at a time trains a group (a file lock, as the store takes per key).
     """
-    start = time.perf_counter()
-
-    def fallback(reason: str) -> tuple[dict[int, Any], str]:
-        log.warning("finetune: seeds %s trained one at a time: %s", [r.seed for r in runs], reason)
-        return {}, reason
-
     if not runs:
         return {}, "no runs"
     if not all(keys.hashed_dropout(r) for r in runs):
         return {}, "train.fuse_seeds is off"
-    first = runs[0]
-    if any(_group_of(r) != _group_of(first) for r in runs):
-        return fallback("the runs differ in more than the seed (hyperparameters, model or benchmark)")
+    if any(_group_of(r) != _group_of(runs[0]) for r in runs):
+        return _fallback(runs, "the runs differ in more than the seed (hyperparameters, model or benchmark)")
     store = store_of(settings)
+    todo = _left_to_train(runs, settings, prepared, store, force)
+    if len(todo) < 2:
+        return {}, f"{len(todo)} seed(s) left to train"
+    group_key = hashlib.sha256("".join(key for _, key, _ in todo).encode()).hexdigest()[:24]
+    (store.root / "finetune").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(store.root / "finetune" / f"seeds-{group_key}.lock")):
+        todo = _left_to_train(runs, settings, prepared, store, force)  # another process may have built them
+        if len(todo) < 2:
+            return {}, f"{len(todo)} seed(s) left to train"
+        work_dir = store.work_dir("finetune", f"seeds-{group_key}")
+        if force:
+            checkpoints.clear(work_dir)
+        outcomes, reason = _train_and_commit(todo, settings, prepared, store, work_dir, force, progress)
+        if reason is None:
+            checkpoints.clear(work_dir)  # the committed artifacts supersede the pass's checkpoints
+        return outcomes, reason
+
+
+def _left_to_train(
+    runs: list[Any], settings: Any, prepared: Any, store: Any, force: bool
+) -> list[tuple[Any, str, Any]]:
     todo = []
     for r in runs:
         key, parts = keys.finetune_key(r, settings, prepared)
@@ -63,23 +81,41 @@ def finetune_seeds(
         elif store.lookup("finetune", key) is not None or (work.is_dir() and any(work.iterdir())):
             continue  # cached, or a solo run's checkpoints to resume from
         todo.append((r, key, parts))
-    if len(todo) < 2:
-        return {}, f"{len(todo)} seed(s) left to train"
+    return todo
+
+
+def _fallback(runs: list[Any], reason: str) -> tuple[dict[int, Any], str]:
+    log.warning("finetune: seeds %s trained one at a time: %s", [r.seed for r in runs], reason)
+    return {}, reason
+
+
+def _train_and_commit(
+    todo: list[tuple[Any, str, Any]],
+    settings: Any,
+    prepared: Any,
+    store: Any,
+    work_dir: Any,
+    force: bool,
+    progress: bool,
+) -> tuple[dict[int, Any], str | None]:
+    start = time.perf_counter()
+    first = todo[0][0]
+    runs = [r for r, _, _ in todo]
     problem = problems.get(first.benchmark.problem)
     device = resolve_device(settings.device)
     precision = resolve_precision(first.train.precision, device)
     info = prepared.meta()["info"]
     tokenizer = loading.load_tokenizer(first.model_path, first.model.revision, first.model.trust_remote_code)
     built = []
-    for r, _, _ in todo:
+    for r in runs:
         seed_everything(r.seed)  # the head's initialisation: as the solo stage draws it
         built.append(problem.build_model(r, tokenizer, info))
-    reason = why_not(built, [r.train for r, _, _ in todo], precision)
+    reason = why_not(built, [r.train for r in runs], precision)
     if reason is None and tokenizer.padding_side != "right":
         reason = "left padding moves real tokens when batches pad further (hashed masks would differ)"
     if reason is not None:
-        return fallback(reason)
-    seeds = [r.seed for r, _, _ in todo]
+        return _fallback(runs, reason)
+    seeds = [r.seed for r in runs]
     install_hash_dropout(built, seeds)
     prep_meta = prepared.meta()
     train_ds = open_split(prepared.path, "train")
@@ -90,26 +126,21 @@ def finetune_seeds(
     def evaluate(m: nn.Module) -> dict[str, float]:
         return problem.evaluate(m, tokenizer, val_ds, info, rt)
 
+    evaluates = [evaluate if val_ds is not None else None] * len(built)
+    pad_id, side = tokenizer.pad_token_id, tokenizer.padding_side
     try:
         results = train_fused(
-            built,
-            seeds,
-            train_ds,
-            first.train,
-            [evaluate if val_ds is not None else None] * len(built),
-            tokenizer.pad_token_id,
-            tokenizer.padding_side,
-            device,
-            progress=progress,
-            precision=precision,
+            built, seeds, train_ds, first.train, evaluates, pad_id, side, device, progress, precision, work_dir
         )
     except torch.OutOfMemoryError:
         del built
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return fallback(f"out of memory with {len(seeds)} seeds stacked")
+        checkpoints.clear(work_dir)  # the seeds train alone now: the stacked checkpoints are of no use
+        return _fallback(runs, f"out of memory with {len(seeds)} seeds stacked")
     except NonFiniteLoss as e:
-        return fallback(f"{e}; each seed retries alone (fit's recoveries)")
+        checkpoints.clear(work_dir)
+        return _fallback(runs, f"{e}; each seed retries alone (fit's recoveries)")
     outcomes = {}
     for (r, key, parts), m, res in zip(todo, built, results, strict=True):
 

@@ -1,8 +1,8 @@
 """Training checkpoints: everything needed to continue a killed run to the identical result.
 
 A checkpoint holds the model, optimizer, scheduler and grad-scaler states, the RNG states of
-python, numpy, torch (CPU and CUDA) and the data-order generator, the epoch's batch order and the
-position in it, and the curves so far. Files are written to a temporary name and renamed, so a
+python, numpy, torch (CPU and CUDA) and of each seed's data-order generator, the epoch's batch
+orders and the position in them, and the curves so far. Files are written to a temporary name and renamed, so a
 kill during a save leaves the previous checkpoint intact. They live in the finetune stage's
 work folder (``<cache>/finetune/<key>.work``), which is removed once the stage's artifact is
 committed. Loaded with ``weights_only=False``: these files are the cache's own, never user input.
@@ -14,9 +14,9 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,19 +28,41 @@ EPOCH_START, STEP = 1, 0  # the last digit of a file name: an epoch-start file o
 
 @dataclass
 class LoopState:
+    """Where the loop is, and what it has gathered per seed (one seed, or the k seeds of a
+    multi-seed pass): lists indexed by seed hold each seed's own batch order, curves and best."""
+
     epoch: int = 1  # the epoch in progress (1-based)
     batch_index: int = 0  # batches of this epoch already consumed
     step: int = 0  # optimizer steps done
-    batches: list[list[int]] = field(default_factory=list)  # this epoch's batch order
-    history: list[dict[str, float]] = field(default_factory=list)
-    epochs: list[dict[str, float]] = field(default_factory=list)
-    samples: int = 0
-    real_tokens: int = 0
-    running_sum: float = 0.0
+    batches: list[list[list[int]]] = field(default_factory=list)  # per seed: this epoch's batch order
+    history: list[list[dict[str, float]]] = field(default_factory=list)
+    epochs: list[list[dict[str, float]]] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    real_tokens: list[int] = field(default_factory=list)
+    running_sum: list[float] = field(default_factory=list)
     running_n: int = 0
-    best_score: float | None = None
-    best_epoch: int = 0
-    best_state: dict[str, torch.Tensor] | None = None
+    best_score: list[float | None] = field(default_factory=list)
+    best_epoch: list[int] = field(default_factory=list)
+    best_state: list[dict[str, torch.Tensor] | None] = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, k: int) -> LoopState:
+        return cls(
+            history=[[] for _ in range(k)],
+            epochs=[[] for _ in range(k)],
+            samples=[0] * k,
+            real_tokens=[0] * k,
+            running_sum=[0.0] * k,
+            best_score=[None] * k,
+            best_epoch=[0] * k,
+            best_state=[None] * k,
+        )
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
 def _files(work_dir: Path) -> list[Path]:
@@ -50,19 +72,20 @@ def _files(work_dir: Path) -> list[Path]:
 def save(
     work_dir: Path,
     loop: LoopState,
-    model: torch.nn.Module,
+    model: Stateful,
     optimizer: Any,
     scheduler: Any,
     scaler: Any,
-    gen: torch.Generator,
+    gens: list[torch.Generator],
     running: torch.Tensor,
     keep: int,
     epoch_start: bool = False,
 ) -> Path:
+    """``model``: the trained module, or a multi-seed pass's stacked weights (anything with a state dict)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    loop.running_sum = float(running)
+    loop.running_sum = [float(x) for x in running.tolist()]
     payload = {
-        "loop": {k: v for k, v in asdict(loop).items() if k != "best_state"},
+        "loop": {f.name: getattr(loop, f.name) for f in fields(loop) if f.name != "best_state"},
         "best_state": loop.best_state,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -73,7 +96,7 @@ def save(
             "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "data": gen.get_state(),
+            "data": [g.get_state() for g in gens],
         },
     }
     path = work_dir / f"ckpt-{loop.step:09d}-{EPOCH_START if epoch_start else STEP}.pt"
@@ -103,7 +126,7 @@ def load_latest(work_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def restore(
-    payload: dict[str, Any], model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any, gen: torch.Generator
+    payload: dict[str, Any], model: Stateful, optimizer: Any, scheduler: Any, scaler: Any, gens: list[torch.Generator]
 ) -> LoopState:
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
@@ -115,7 +138,8 @@ def restore(
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    gen.set_state(rng["data"])
+    for g, state in zip(gens, rng["data"], strict=True):
+        g.set_state(state)
     return LoopState(**payload["loop"], best_state=payload["best_state"])
 
 

@@ -1,33 +1,33 @@
-"""Several seeds in one fused pass: k models stacked and trained as one batched model.
+"""Several seeds as one batched model: k models stacked and trained by the one training loop.
 
 The k seeds of a seed group share everything but the seed, so their models have the same shapes.
 Their parameters are stacked along a new leading dimension and one ``vmap`` over
 ``functional_call`` runs all k forwards (and, through autograd, all k backwards) per kernel
-launch. Each seed keeps what makes it that seed, so its slice equals its solo run to
-floating-point tolerance (``tests/test_fused.py``):
+launch. ``Stacked`` is the loop's ``Trainee`` for them; the loop itself (``training.loop.run``)
+is the solo path's, so each seed keeps what makes it that seed and its slice equals its solo run
+to floating-point tolerance (``tests/test_fused.py``):
 
 - head initialisation: each model is built after ``seed_everything(seed)``, as the solo stage does;
-- data order: one generator per seed, the solo loop's ``length_grouped_batches``; at each step the
+- data order: one generator per seed, the loop's ``length_grouped_batches``; at each step the
   k batches are padded to the longest of them (padding is masked), and a seed whose batch is
   shorter (the ragged last batch lands at a random step) gets filler rows of loss weight 0;
 - dropout: hashed masks (``hash_dropout``), a function of (seed, call, site, element), the same a
   solo run with hashed dropout draws;
 - optimizer: AdamW is elementwise, so one AdamW over the stacked tensors is k AdamWs (same decay
-  groups as ``optim.build_optimizer``); gradient-norm clipping is done per seed by hand; the
+  groups as ``optim.build_optimizer``); gradient-norm clipping is done per seed; the
   learning-rate schedule is shared (same recipe);
-- validation, best/last choice, checkpoint artifact, history: per seed.
+- validation, best/last choice, checkpoints, history: the loop's, per seed.
 
 Supported: classification with an encoder backbone (first-token pooling). Everything else, and
-fp16 (its loss scaler is per model), falls back to solo training with the reason logged. A fused
-pass is not checkpointed: interrupted, it is rerun (or the seeds train solo, which resume).
+fp16 (its loss scaler is per model), falls back to solo training with the reason logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,11 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tuneval.config.train import TrainSettings
-from tuneval.data.batching import length_grouped_batches, make_collate
 from tuneval.training import hash_dropout
-from tuneval.training.device import resolve_precision
-from tuneval.training.loop import NonFiniteLoss, TrainResult
-from tuneval.training.optim import adamw, apply_trainable, decays, linear_schedule
+from tuneval.training.loop import TrainResult, run
+from tuneval.training.optim import adamw, apply_trainable, decays
 
 log = logging.getLogger(__name__)
 
@@ -99,94 +97,78 @@ def train_fused(
     device: torch.device,
     progress: bool = True,
     precision: str | None = None,
+    work_dir: Path | None = None,
 ) -> list[TrainResult]:
-    """Train ``models`` (one per seed, each with hashed dropout installed) in place; their
-    parameters end as the trained ones. Mirrors ``loop.train`` step for step."""
-    from torch.func import functional_call, vmap
-    from tqdm.auto import tqdm
+    """Train ``models`` (one per seed, each with hashed dropout installed) in place through the
+    training loop; their parameters end as the trained ones. With ``work_dir`` the pass
+    checkpoints and resumes like a solo run."""
+    trainee = Stacked(models, s, device)
+    return run(trainee, train_ds, s, seeds, evaluates, pad_id, padding_side, device, work_dir, progress, precision)
 
-    k = len(models)
-    precision = precision or resolve_precision(s.precision, device)
-    amp_dtype = {"bf16": torch.bfloat16}.get(precision)
-    results = [TrainResult(precision=precision) for _ in range(k)]
-    for m, r in zip(models, results, strict=True):
-        m.to(device)
-        r.trainable_parameters = apply_trainable(m, s.trainable)
-    stacked, buffers = _stack(models)
-    step_module = _Step(models[0])
-    params = {f"model.{n}": t for n, t in stacked.items()}
-    bufs = {f"model.{n}": t for n, t in buffers.items()}
 
-    def seed_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
-        return functional_call(step_module, (p, b), (batch,))
+class Stacked:
+    """The loop's ``Trainee`` for k same-shaped models: stacked weights, one vmapped loss per step."""
 
-    # randomness="error": a random op left in the model (an unswapped dropout) fails loudly.
-    losses_of = vmap(seed_loss, in_dims=(0, 0, 0), randomness="error")
+    def __init__(self, models: list[nn.Module], s: TrainSettings, device: torch.device):
+        from torch.func import functional_call, vmap
 
-    lengths = [len(x) for x in train_ds["input_ids"]]
-    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-    collate = make_collate(pad_id, padding_side, 8 if device.type == "cuda" else None)
-    n_batches = math.ceil(len(lengths) / s.batch_size)
-    steps_per_epoch = math.ceil(n_batches / s.gradient_accumulation_steps)
-    total = steps_per_epoch * s.epochs
-    optimizer = _optimizer(models[0], stacked, s, device)
-    scheduler = linear_schedule(optimizer, s.warmup_steps, total)
-    trainable = [t for t in stacked.values() if t.requires_grad]
-    running = torch.zeros(k, device=device)
-    running_n = step = 0
-    best: list[tuple[float | None, int, dict[str, torch.Tensor] | None]] = [(None, 0, None)] * k
-    start = time.perf_counter()
-    bar = tqdm(total=total, desc=f"finetune x{k}", unit="step", disable=not progress, dynamic_ncols=True)
-    for epoch in range(1, s.epochs + 1):
-        plans = [length_grouped_batches(lengths, s.batch_size, g, shuffle=True, group=s.group_by_length) for g in gens]
-        step_module.train()
-        optimizer.zero_grad(set_to_none=True)
-        for i in range(n_batches):
-            rows = [plan[i] for plan in plans]
-            batch = _fused_batch(train_ds, rows, collate, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = losses_of(params, bufs, batch)
-            (losses.sum() / s.gradient_accumulation_steps).backward()
-            running += losses.detach().float()
-            running_n += 1
-            for r, idx in zip(results, rows, strict=True):
-                r.samples += len(idx)
-                r.real_tokens += sum(lengths[j] for j in idx)
-            if (i + 1) % s.gradient_accumulation_steps and i + 1 != n_batches:
-                continue
-            if s.max_grad_norm:
-                _clip_per_seed(trainable, s.max_grad_norm)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % s.log_every_steps == 0 or step == total:
-                means = (running / running_n).tolist()
-                for seed, r, loss in zip(seeds, results, means, strict=True):
-                    if not math.isfinite(loss):
-                        raise NonFiniteLoss(f"seed {seed}: loss is {loss} at step {step} (epoch {epoch})")
-                    r.history.append({"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr})
-                running, running_n = torch.zeros(k, device=device), 0
-        for j, (m, evaluate) in enumerate(zip(models, evaluates, strict=True)):
-            if evaluate is None:
-                continue
-            metrics = {"epoch": epoch, **evaluate(m)}
-            results[j].epochs.append(metrics)
-            log.info("seed %d epoch %d validation: %s", seeds[j], epoch, metrics)
-            score = metrics.get(s.best_metric)
-            if s.checkpoint == "best" and score is not None and (best[j][0] is None or score > best[j][0]):
-                best[j] = (score, epoch, {n: v.detach().to("cpu", copy=True) for n, v in m.state_dict().items()})
-    bar.close()
-    seconds = time.perf_counter() - start
-    for m, r, (_, best_epoch, state) in zip(models, results, best, strict=True):
-        _own_storage(m)
-        r.train_seconds, r.optimizer_steps, r.kept_epoch = seconds, step, s.epochs
-        if state is not None:
-            m.load_state_dict(state)
-            r.kept_epoch = best_epoch
-    return results
+        self.models = models
+        self.trainable_parameters = []
+        for m in models:
+            m.to(device)
+            self.trainable_parameters.append(apply_trainable(m, s.trainable))
+        self.stacked, self.buffers = _stack(models)
+        self.step_module = _Step(models[0])
+        self.params = {f"model.{n}": t for n, t in self.stacked.items()}
+        self.bufs = {f"model.{n}": t for n, t in self.buffers.items()}
+
+        def seed_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
+            return functional_call(self.step_module, (p, b), (batch,))
+
+        # randomness="error": a random op left in the model (an unswapped dropout) fails loudly.
+        self.losses_of = vmap(seed_loss, in_dims=(0, 0, 0), randomness="error")
+        self.trainable = [t for t in self.stacked.values() if t.requires_grad]
+
+    def optimizer(self, s: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+        return _optimizer(self.models[0], self.stacked, s, device)
+
+    def start(self, dist: Any, device: torch.device, s: TrainSettings) -> None:
+        pass  # one process, eager: data parallel and compile are solo-path levers
+
+    def train(self) -> None:
+        self.step_module.train()
+
+    def steps(self, ds: Any, plans: list[list[list[int]]], collate: Any, device: torch.device, dist: Any) -> Iterator:
+        for rows in zip(*plans, strict=True):
+            yield list(rows), _stacked_batch(ds, list(rows), collate, device), 0
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.losses_of(self.params, self.bufs, batch)
+
+    def no_sync(self, dist: Any, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def clip_and_step(
+        self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_norm: float | None
+    ) -> None:
+        if max_norm:
+            _clip_per_seed(self.trainable, max_norm)
+        scaler.step(optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": self.stacked, "buffers": self.buffers}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # In place: every model's tensors are views of these stacks.
+        for name, t in state["params"].items():
+            self.stacked[name].copy_(t)
+        for name, t in state["buffers"].items():
+            self.buffers[name].copy_(t)
+
+    def finish(self) -> None:
+        for m in self.models:
+            _own_storage(m)
 
 
 def _stack(models: list[nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -246,7 +228,7 @@ def _clip_per_seed(tensors: list[torch.Tensor], max_norm: float) -> None:
         g.mul_(coef.to(g.dtype).view(k, *([1] * (g.ndim - 1))))
 
 
-def _fused_batch(
+def _stacked_batch(
     ds: Any, rows: list[list[int]], collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]], device: Any
 ) -> dict[str, torch.Tensor]:
     """The k seeds' batches of one step as (k, B, L) tensors, padded to the longest; a short batch
