@@ -1,4 +1,4 @@
-"""K seeds in one fused pass against K solo runs and one solo run: same model, data and recipe.
+"""K seeds in one multi-seed pass against K solo runs and one solo run: same model, data and recipe.
 
     python benchmarks/fused_seeds.py                   # CPU, small size (MiniLM, 256 rows, 3 seeds)
     python benchmarks/fused_seeds.py --device cuda --model bert-base-shape --fused-seeds 5 \\
@@ -80,8 +80,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     from tuneval.models.loading import load_tokenizer
     from tuneval.problems.classification import loss_fn, new_classifier
     from tuneval.training import hash_dropout, loop, multi_seed
+    from tuneval.training.device import resolve_device, resolve_precision, seed_everything
 
-    device = loop.resolve_device(args.device)
+    device = resolve_device(args.device)
     path = model_path(args.model)
     tokenizer = load_tokenizer(path)
     rows, _ = speed.rotten_tomatoes(args.rows, 1)
@@ -93,7 +94,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     seeds = list(range(1, (1 if args.variant == "solo-1" else args.fused_seeds) + 1))
 
     def build(seed: int):
-        loop.seed_everything(seed)
+        seed_everything(seed)
         m = new_classifier(path, ModelSpec(source=path), tokenizer, 2, None)
         hash_dropout.install(m, seed)
         return m
@@ -104,7 +105,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if args.variant == "fused-K":
         models = [build(sd) for sd in seeds]
-        reason = multi_seed.why_not(models, [s] * len(models), loop.resolve_precision(s.precision, device))
+        reason = multi_seed.why_not(models, [s] * len(models), resolve_precision(s.precision, device))
         if reason:
             raise SystemExit(f"cannot fuse: {reason}")
         results = multi_seed.train_fused(models, seeds, ds, s, [None] * len(models), pad, side, device, progress=False)
