@@ -65,17 +65,21 @@ def test_first_token_states_equal_bertmodel(padding: str, cls_only: bool, with_t
 
 
 @pytest.mark.parametrize(
-    ("cls_only", "heads", "padding"),
+    ("options", "heads", "padding"),
     [
-        (True, 4, "right"),  # head size 12
-        (False, 4, "right"),  # every token in the last layer
-        (True, 3, "right"),  # head size 16
-        (True, 3, "left"),
+        (bert_cls.Options(), 4, "right"),  # head size 12
+        (bert_cls.Options(cls_only=False), 4, "right"),  # every token in the last layer
+        (bert_cls.Options(), 3, "right"),  # head size 16
+        (bert_cls.Options(), 3, "left"),
+        # benchmarks/step_ab.py times each saving alone: each variant must still be the same function.
+        (bert_cls.Options(cheap_dropout=False), 4, "right"),
+        (bert_cls.Options(cls_only=False, cheap_dropout=False), 4, "left"),
     ],
+    ids=["cls-only", "all-layers", "head-16", "left-padding", "torch-dropout", "all-layers-torch-dropout-left"],
 )
-def test_gradients_equal_bertmodel(cls_only: bool, heads: int, padding: str) -> None:
-    # Training mode with dropout 0: every parameter's gradient, including the concatenated Q/K/V
-    # weights' and the last layer's (computed for [CLS] only), matches transformers'.
+def test_gradients_equal_bertmodel(options: bert_cls.Options, heads: int, padding: str) -> None:
+    # Training mode with dropout 0: every parameter's gradient, including the last layer's
+    # (computed for [CLS] only), matches transformers'.
     bert = _bert(heads=heads).train()
     ids, mask, types = _inputs(padding)
     target = torch.randn(5, 48, generator=torch.Generator().manual_seed(2))
@@ -86,40 +90,12 @@ def test_gradients_equal_bertmodel(cls_only: bool, heads: int, padding: str) -> 
         return {n: p.grad.clone() for n, p in bert.named_parameters() if p.grad is not None}
 
     want = grads(lambda: _reference(bert, ids, mask, types))
-    options = bert_cls.Options(cls_only=cls_only)
     got = grads(lambda: bert_cls.first_token_states(bert, ids, mask, types, options))
     with torch.no_grad():
         torch.testing.assert_close(
             bert_cls.first_token_states(bert, ids, mask, types, options), _reference(bert, ids, mask, types)
         )
     assert set(got) == set(want) and len(got) > 30  # the pooler gets no gradient in either
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        bert_cls.Options(cls_only=False),
-        bert_cls.Options(cheap_dropout=False),
-        bert_cls.Options(cls_only=False, cheap_dropout=False),
-    ],
-    ids=["all-layers", "torch-dropout", "all-layers-torch-dropout"],
-)
-def test_every_variant_of_the_forward_equals_bertmodel(options: bert_cls.Options) -> None:
-    # benchmarks/step_ab.py times each saving alone: each variant must still be the same function.
-    bert = _bert().train()
-    ids, mask, types = _inputs("right")
-    target = torch.randn(5, 48, generator=torch.Generator().manual_seed(2))
-
-    def grads(f) -> dict[str, torch.Tensor]:
-        bert.zero_grad(set_to_none=True)
-        (f() * target).sum().backward()
-        return {n: p.grad.clone() for n, p in bert.named_parameters() if p.grad is not None}
-
-    want = grads(lambda: _reference(bert, ids, mask, types))
-    got = grads(lambda: bert_cls.first_token_states(bert, ids, mask, types, options))
-    assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
 
