@@ -125,8 +125,10 @@ def parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=commands.cmd_report)
 
     u = sub.add_parser("ui", parents=[common], help="MLflow UI on the project's store (127.0.0.1)")
+    u.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="pipelines to link (all when none named)")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    u.add_argument("--open", action="store_true", help="open the first pipeline's runs table in the browser")
     u.set_defaults(func=ui.cmd_ui)
 
     for name, helptext in (
