@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -141,15 +142,18 @@ def save_pyfunc(path: Path, folder: Path, meta_file: Path, meta: dict[str, Any],
         inputs=Schema([ColSpec("string", c) for c in input_columns(meta["problem"], meta["benchmark"])]),
         outputs=Schema([ColSpec("string")]),
     )
-    mlflow.pyfunc.save_model(
-        str(path),
-        python_model=TunevalModel(),
-        artifacts={"model": str(folder), "tuneval": str(meta_file)},
-        signature=signature,
-        pip_requirements=requirements(),
-        metadata={"tuneval_finetune_key": meta["finetune_key"], "base_model": meta["base_model"]["source"]},
-        mlflow_model=mlflow_model,
-    )
+    with warnings.catch_warnings():
+        # "no input example": one would make MLflow load and run the model while logging it.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        mlflow.pyfunc.save_model(
+            str(path),
+            python_model=TunevalModel(),
+            artifacts={"model": str(folder), "tuneval": str(meta_file)},
+            signature=signature,
+            pip_requirements=requirements(),
+            metadata={"tuneval_finetune_key": meta["finetune_key"], "base_model": meta["base_model"]["source"]},
+            mlflow_model=mlflow_model,
+        )
 
 
 def requirements() -> list[str]:

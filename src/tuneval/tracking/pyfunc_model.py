@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 META_FILE = "tuneval_model.json"
 # The predict table's column each problem answers with, and the column naming its rows.
@@ -61,8 +62,9 @@ class TunevalModel(mlflow.pyfunc.PythonModel):
         self.model = accel.apply(model, accel.Levers(**levers) if levers else accel.MAINSTREAM)
         self.runtime = Runtime(device, resolve_precision(meta["precision"], device), meta["eval_batch_size"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[Any]:
-        import pandas as pd
+    # MLflow reads predict's type hints: a DataFrame is one it accepts without inferring a schema
+    # (the signature logged with the model gives it: the benchmark's input columns).
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[Any]:
         from datasets import Dataset
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
