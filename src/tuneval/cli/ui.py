@@ -46,15 +46,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return _open(links) if args.open else 0
     if not 0 < args.port < 65536:
         raise TunevalError(f"--port {args.port}: not a TCP port; give a number from 1 to 65535")
-    if not store.exists():
-        raise TunevalError(
-            f"{store}: tracking store: does not exist; run `tuneval run` (or `make demo`) first, "
-            "or point MLFLOW_TRACKING_URI at an existing store"
-        )
     if ui_server.port_in_use(args.host, args.port):
         raise TunevalError(
             f"--port {args.port}: already in use on {args.host} (another `tuneval ui` or `mlflow ui`?); "
             "stop it or pass another --port"
+        )
+    if not store.exists():
+        raise TunevalError(
+            f"{store}: tracking store: does not exist; run `tuneval run` (or `make demo`) first, "
+            "or point MLFLOW_TRACKING_URI at an existing store"
         )
     base = f"http://{args.host}:{args.port}"
     links = _links(settings, loaded.config, names, base)
