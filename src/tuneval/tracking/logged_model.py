@@ -29,6 +29,8 @@ from tuneval.settings import Settings
 log = logging.getLogger(__name__)
 
 KEY_TAG = "tuneval.finetune_key"
+# The logged model's code ("models from code", not a pickle); not imported here: it registers the model.
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_code.py")
 DEVICE_KINDS = ("cpu", "cuda")
 
 
@@ -136,7 +138,7 @@ def save_pyfunc(path: Path, folder: Path, meta_file: Path, meta: dict[str, Any],
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from tuneval.tracking.pyfunc_model import TunevalModel, input_columns
+    from tuneval.tracking.pyfunc_model import input_columns
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", c) for c in input_columns(meta["problem"], meta["benchmark"])]),
@@ -147,7 +149,7 @@ def save_pyfunc(path: Path, folder: Path, meta_file: Path, meta: dict[str, Any],
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         mlflow.pyfunc.save_model(
             str(path),
-            python_model=TunevalModel(),
+            python_model=str(PYFUNC_CODE),
             artifacts={"model": str(folder), "tuneval": str(meta_file)},
             signature=signature,
             pip_requirements=requirements(),
