@@ -137,12 +137,17 @@ def test_ui_links_the_runs_table_serves_the_run_and_sigterm_frees_the_port(proje
     run_id = json.loads(out.read_text())["runs"][0]["mlflow_run_id"]
 
     port = free_port()
+    opener, opened = project / "browser.sh", project / "opened.txt"  # $BROWSER: what webbrowser runs
+    opener.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+    opener.chmod(0o755)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tuneval.cli", "ui", "--config", str(project / "pipelines.yaml"), "--port", str(port)],
+        [sys.executable, "-m", "tuneval.cli", "ui", "--config", str(project / "pipelines.yaml"), "--port", str(port)]
+        + ["--open"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env={**os.environ, "BROWSER": str(opener)},
     )
     lines: list[str] = []  # read all along: MLflow's logs would otherwise fill the pipe and block it
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
@@ -161,6 +166,10 @@ def test_ui_links_the_runs_table_serves_the_run_and_sigterm_frees_the_port(proje
         [exp] = [e for e in exps if e["name"] == "smoke"]
         query = "workflowType=machine_learning&viewStateShareKey=tuneval"
         assert link == f"http://127.0.0.1:{port}/#/experiments/{exp['experiment_id']}/runs?{query}"
+        deadline = time.time() + 30
+        while not opened.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert opened.read_text().strip() == link  # --open: that URL in the browser
         tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
         assert tags["mlflow.experimentKind"] == "custom_model_development" and "mlflow.sharedViewState.tuneval" in tags
         found = _post(f"{base}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
