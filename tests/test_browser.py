@@ -3,8 +3,8 @@
 ``tuneval ui`` serves a store filled by a tiny two-seed run; the test opens the URL it prints on
 a fresh profile at 1600x1000 and checks the runs table (not MLflow's GenAI overview), each run's
 name, the seed group's mean, the primary metric without scrolling sideways, the run page's Logged
-models and artifacts, then the report's HTML chart. Screenshots land in the test's tmp dir (and in
-``$TUNEVAL_SCREENSHOTS`` when set: ``docs/mlflow-runs.png`` is made that way).
+models and artifacts, then the report's HTML chart. Screenshots land in the test's tmp dir (the
+runs table also in ``$TUNEVAL_SCREENSHOTS`` when set: ``docs/mlflow-runs.png`` is made that way).
 
 Not in the default run (``-m browser``; ``make test-browser``): it needs a browser. Playwright's own
 browser download needs the network, so the system's chromium is used (``apt-get install chromium``).
@@ -86,9 +86,10 @@ def ui(project: Path):
                 os.killpg(g, signal.SIGKILL)
 
 
-def shoot(page, tmp_path: Path, name: str) -> None:
+def shoot(page, tmp_path: Path, name: str, publish: bool = False) -> None:
+    """A screenshot in the test's tmp dir; ``publish``: also in $TUNEVAL_SCREENSHOTS (the README's)."""
     page.screenshot(path=str(tmp_path / name))
-    if folder := os.environ.get("TUNEVAL_SCREENSHOTS"):
+    if publish and (folder := os.environ.get("TUNEVAL_SCREENSHOTS")):
         Path(folder).mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp_path / name, Path(folder) / name)
 
@@ -129,7 +130,7 @@ def test_a_new_user_lands_on_the_runs_table_and_finds_model_and_report(
     close = page.locator("button[aria-label=Close]")  # MLflow's assistant panel opens on a first visit
     if close.count():
         close.first.click()
-    shoot(page, tmp_path, "mlflow-runs.png")
+    shoot(page, tmp_path, "mlflow-runs.png", publish=True)
 
     # The run page: its Logged models entry and its artifacts.
     page.get_by_text(f"tiny__toy__seed{best['seed']}", exact=True).first.click()
