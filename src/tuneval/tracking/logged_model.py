@@ -82,11 +82,14 @@ def find(client: Any, key: str) -> Any | None:
 def log_or_link(client: Any, run_id: str, run: RunSpec, settings: Settings, tuned: StageOutcome) -> str | None:
     """The LoggedModel of this finetune, logged now or found, linked to ``run_id`` as its output.
     Returns its id (None when logging failed: a warning says why)."""
+    from filelock import FileLock
     from mlflow.entities import LoggedModelOutput
 
     try:
-        existing = find(client, tuned.ref.key)
-        model_id = existing.model_id if existing is not None else _log(client, run_id, run, settings, tuned)
+        # Two processes recording the same finetune (a shared cache) would both miss and both upload.
+        with FileLock(str(tuned.ref.dir.parent / f"{tuned.ref.key}.mlflow-model.lock")):
+            existing = find(client, tuned.ref.key)
+            model_id = existing.model_id if existing is not None else _log(client, run_id, run, settings, tuned)
         client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
         return model_id
     except Exception as e:  # noqa: BLE001 - see the module docstring

@@ -44,6 +44,8 @@ def group_note(summary: Mapping[str, Any], order: Iterable[str] = (), n_planned:
     ]
     n = len(summary["seeds"])
     of = f" of {n_planned}" if n_planned and n_planned != n else ""
+    if n < 2:  # no spread over one seed: the report shows that seed's own bootstrap CI
+        return " · ".join(cells) + f" (only {n}{of} seeds completed)"
     return " · ".join(cells) + f" (mean ± half-width of the 95% t-interval over {n}{of} seeds)"
 
 
