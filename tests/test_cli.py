@@ -223,3 +223,21 @@ def test_config_is_read_with_safe_load(tmp_path: Path) -> None:
     evil.write_text(f"models: !!python/object/apply:os.system ['echo pwned > {tmp_path}/pwned']\n")
     assert_user_error(tuneval("check", "--config", str(evil)), "YAML")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_executable_exits_with_an_idle_thread_pool_left_to_the_garbage_collector() -> None:
+    # MLflow's artifact repositories (logging a model) hold a thread pool in a reference cycle.
+    script = """
+import gc
+from concurrent.futures import ThreadPoolExecutor
+import tuneval.cli.main as m
+class Repo:
+    def __init__(self):
+        self.pool, self.me = ThreadPoolExecutor(2), self
+Repo().pool.submit(print, "work done")
+gc.disable()
+m.main = lambda argv=None: 0
+m.entry()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "work done" in proc.stdout

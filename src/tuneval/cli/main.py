@@ -63,6 +63,12 @@ def entry() -> None:
     import atexit
     import threading
 
+    # What the interpreter's own exit does first: the exit hooks registered with threading, e.g.
+    # concurrent.futures stopping idle pool workers. Without them, the workers of an executor left
+    # to the garbage collector (MLflow's artifact repositories, when a model is logged) wait for
+    # work forever and the join below never returns.
+    for hook in reversed(getattr(threading, "_threading_atexits", [])):
+        hook()
     for t in threading.enumerate():  # what the interpreter's own exit would wait for
         if t is not threading.current_thread() and not t.daemon:
             t.join()
