@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.tuneval-installed
 
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo test test-all lint ui clean
+.PHONY: install demo test test-all test-browser lint ui clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
+
+# The MLflow UI in a real browser (Debian's chromium: apt-get install chromium); skips without one.
+test-browser: $(STAMP)
+	$(BIN)/python -m pytest -q -m browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tasks flows tests benchmarks

@@ -74,8 +74,10 @@ def test_run_twice_second_all_cached_and_mlflow_record(project: Path, capfd) -> 
     assert {a.path for a in client.list_artifacts(fast.info.run_id)} == artifacts_of(client, r.info.run_id)
     assert r.inputs.dataset_inputs and {d.dataset.name for d in r.inputs.dataset_inputs} >= {"toy/train", "toy/test"}
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"model", "predictions", "scores", "metric_settings.json", "cache_keys"} <= artifacts
-    model_files = {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "model")}
+    assert {"predictions", "scores", "metric_settings.json", "cache_keys"} <= artifacts
+    # The fine-tuned model is the run's LoggedModel (tests/test_logged_model.py), not a run artifact.
+    [out] = r.outputs.model_outputs
+    model_files = {Path(a.path).name for a in client.list_logged_model_artifacts(out.model_id, "artifacts/model")}
     assert {"head.safetensors", "tuneval_head.json", "backbone"} <= model_files
     # A damaged cached artifact is reported in one warning line and rebuilt, never used.
     [parquet] = (project / ".tuneval" / "cache" / "predict").glob("*/predictions.parquet")

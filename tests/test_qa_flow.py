@@ -98,8 +98,9 @@ def test_qa_pipeline_through_the_cli_with_mlflow(qa_project: Path, capfd) -> Non
     assert r.data.metrics["test_f1"] == pytest.approx(run["metrics"]["f1"])
     assert "val_f1" in r.data.metrics and "val_exact_match" in r.data.metrics
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"model", "predictions", "scores", "metric_settings.json"} <= artifacts
-    model_files = {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "model")}
+    assert {"predictions", "scores", "metric_settings.json"} <= artifacts
+    [out] = r.outputs.model_outputs  # the fine-tuned model: the run's LoggedModel
+    model_files = {Path(a.path).name for a in client.list_logged_model_artifacts(out.model_id, "artifacts/model")}
     assert {"config.json", "model.safetensors", "tuneval_qa.json"} <= model_files
 
 

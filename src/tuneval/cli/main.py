@@ -63,6 +63,12 @@ def entry() -> None:
     import atexit
     import threading
 
+    # What the interpreter's own exit does first: the exit hooks registered with threading, e.g.
+    # concurrent.futures stopping idle pool workers. Without them, the workers of an executor left
+    # to the garbage collector (MLflow's artifact repositories, when a model is logged) wait for
+    # work forever and the join below never returns.
+    for hook in reversed(getattr(threading, "_threading_atexits", [])):
+        hook()
     for t in threading.enumerate():  # what the interpreter's own exit would wait for
         if t is not threading.current_thread() and not t.daemon:
             t.join()
@@ -125,8 +131,10 @@ def parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=commands.cmd_report)
 
     u = sub.add_parser("ui", parents=[common], help="MLflow UI on the project's store (127.0.0.1)")
+    u.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="pipelines to link (all when none named)")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    u.add_argument("--open", action="store_true", help="open the first pipeline's runs table in the browser")
     u.set_defaults(func=ui.cmd_ui)
 
     for name, helptext in (

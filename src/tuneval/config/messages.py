@@ -28,6 +28,8 @@ def describe(err: Any) -> str:
         return f"expected a mapping (got {value!r})"
     if kind == "union_tag_invalid":
         return f"{msg}"
+    if kind == "bool_type":
+        return f"expected true or false (got {value!r}); write true or false, unquoted"
     if kind == "string_pattern_mismatch":
         return f"invalid name {value!r}: use letters, digits, '_', '-', '.' (no '/' or spaces)"
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
@@ -99,6 +101,8 @@ def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any] | None = None) -> li
         return list(TrainSettings.model_fields)
     if len(loc) == 1:
         return list(schema.Config.model_fields)
+    if loc[0] == "tracking" and len(loc) == 2:
+        return list(schema.TrackingSpec.model_fields)
     if loc[0] == "benchmarks" and len(loc) in (3, 4):
         bench, columns = kinds.get(_problem_of(raw, loc[1]), kinds["classification"])
         if len(loc) == 3:

@@ -15,6 +15,7 @@ from tuneval.config.load import LoadedConfig, merged_train
 from tuneval.config.messages import suggest
 from tuneval.config.paths import resolve_model_source, resolve_path
 from tuneval.config.schema import ModelSpec
+from tuneval.config.tracking import TrackingSpec
 from tuneval.config.train import TrainSettings
 from tuneval.errors import ConfigError
 
@@ -30,6 +31,7 @@ class RunSpec(BaseModel):
     benchmark: BenchmarkSpec  # data file paths made absolute
     seed: int
     train: TrainSettings
+    tracking: TrackingSpec = TrackingSpec()  # what the MLflow record holds; in no cache key
 
     @property
     def run_name(self) -> str:
@@ -88,6 +90,7 @@ def resolve_runs(loaded: LoadedConfig, names: list[str] | None = None) -> list[R
                             benchmark=bench,
                             seed=seed,
                             train=train,
+                            tracking=cfg.tracking,
                         )
                     )
     if problems:

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 
 from tuneval.config.base import Name, Strict
 from tuneval.config.benchmarks import BenchmarkSpec
+from tuneval.config.tracking import TrackingSpec
 
 
 class ModelSpec(Strict):
@@ -79,3 +80,4 @@ class Config(Strict):
     models: dict[Name, ModelSpec]
     benchmarks: dict[Name, BenchmarkSpec]
     pipelines: dict[Name, PipelineSpec]
+    tracking: TrackingSpec = TrackingSpec()

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 MAX_KEY = 250
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 SECRET = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.I)
 
 
@@ -64,7 +65,8 @@ class Tracker:
             return exp.experiment_id
         location = f"{self.artifact_root}/{name}" if self.artifact_root else None
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            # The MLflow 3 UI reads the kind to open the "Machine learning" (runs) view, not GenAI.
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except Exception:  # noqa: BLE001 - another process created it first
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -82,17 +84,18 @@ class Tracker:
         for i in range(0, len(items), 100):
             self._safe(self.client.log_batch, run_id, params=items[i : i + 100])
 
-    def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
-        self.log_series(run_id, [(step, values)])
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0, model_id: str | None = None) -> None:
+        self.log_series(run_id, [(step, values)], model_id)
 
-    def log_series(self, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+    def log_series(self, run_id: str, rows: list[tuple[int, dict[str, float]]], model_id: str | None = None) -> None:
+        """``model_id``: the LoggedModel these values score (shown on the model's page too)."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [
-            Metric(k[:MAX_KEY], float(v), now, step)
+            Metric(k[:MAX_KEY], float(v), now, step, model_id=model_id, run_id=run_id if model_id else None)
             for step, vals in rows
             for k, v in vals.items()
             if isinstance(v, (int, float))
@@ -197,6 +200,11 @@ def _param_value(key: str, value: Any) -> str:
         text = text.replace(secret, "***")
     suffix = "...[truncated]"
     return text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - len(suffix)] + suffix
+
+
+def masked(key: str, value: Any) -> str:
+    """A param or tag value as MLflow gets it: secrets masked, long values truncated."""
+    return _param_value(key, value)
 
 
 def _secret_values() -> list[str]:

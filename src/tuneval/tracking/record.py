@@ -15,6 +15,7 @@ from typing import Any
 from tuneval.config.runs import RunSpec
 from tuneval.pipeline.store import StageOutcome
 from tuneval.settings import Settings
+from tuneval.tracking import logged_model, notes
 from tuneval.tracking.client import Tracker
 
 
@@ -22,10 +23,13 @@ from tuneval.tracking.client import Tracker
 class RunRecord:
     run: RunSpec
     tracker: Tracker | None
+    settings: Settings | None = None
     mlflow_run_id: str | None = None
+    model_id: str | None = None  # the fine-tuned model's MLflow LoggedModel (tracking.log_models)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    cis: dict[str, dict[str, float]] = field(default_factory=dict)  # the score stage's bootstrap CIs
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -33,7 +37,7 @@ class RunRecord:
         cls, run: RunSpec, settings: Settings, flow_run_id: str | None = None, parent_run_id: str | None = None
     ) -> RunRecord:
         tracker = Tracker(settings.tracking_uri, settings.artifact_root) if settings.track else None
-        record = cls(run=run, tracker=tracker)
+        record = cls(run=run, tracker=tracker, settings=settings)
         if tracker is not None:
             tags = {
                 "tuneval.pipeline": run.pipeline,
@@ -106,14 +110,16 @@ class RunRecord:
                 t.set_tags(rid, {"tuneval.fused_seeds": ",".join(map(str, meta["fused_seeds"]))})
             if "dropout_masks" in meta:
                 t.set_tags(rid, {"tuneval.dropout_masks": meta["dropout_masks"]})
-            t.log_artifacts(rid, folder / "model", "model")
+            if self.run.tracking.log_models and self.settings is not None:
+                self.model_id = logged_model.log_or_link(t.client, rid, self.run, self.settings, outcome)
         elif stage == "intrinsic":
             t.log_metrics(rid, {f"test_{k}": v for k, v in meta["metrics"].items()})
             t.log_artifact(rid, folder / "metrics.json", "intrinsic")
         elif stage == "predict":
             t.log_artifact(rid, folder / "predictions.parquet", "predictions")
         elif stage == "score":
-            t.log_metrics(rid, {f"test_{k}": v for k, v in meta["metrics"].items()})
+            t.log_metrics(rid, {f"test_{k}": v for k, v in meta["metrics"].items()}, model_id=self.model_id)
+            self.cis = meta.get("ci", {})
             cis = meta.get("ci", {})  # 95% bootstrap over test examples: test_<metric>_ci_low / _ci_high
             t.log_metrics(rid, {f"test_{k}_{end}": v for k, ci in cis.items() for end, v in ci.items()})
             t.log_dict(rid, meta["settings"], "metric_settings.json")
@@ -125,13 +131,15 @@ class RunRecord:
         self.stages[stage] = {"status": "failed", "seconds": None, "key": None}
         self.error = str(error)
         if self.tracker is not None and self.mlflow_run_id is not None:
-            self.tracker.set_tags(self.mlflow_run_id, {"tuneval.failed_stage": stage, "tuneval.error": self.error})
+            tags = {"tuneval.failed_stage": stage, "tuneval.error": self.error}
+            self.tracker.set_tags(self.mlflow_run_id, {**tags, notes.NOTE_TAG: notes.failed_note(stage, self.error)})
             self.tracker.finish(self.mlflow_run_id, ok=False)
 
     def close(self) -> None:
         if self.tracker is not None and self.mlflow_run_id is not None:
             cache = ",".join(f"{s}={v['status']}" for s, v in self.stages.items())
-            self.tracker.set_tags(self.mlflow_run_id, {"tuneval.cache": cache})
+            note = notes.run_note(self.metrics, self.cis, self.run.benchmark.metrics)
+            self.tracker.set_tags(self.mlflow_run_id, {"tuneval.cache": cache, notes.NOTE_TAG: note})
             self.tracker.finish(self.mlflow_run_id, ok=True)
 
     def result(self) -> dict[str, Any]:
@@ -220,4 +228,7 @@ class SeedGroup:
                     values.update({f"test_{name}_ci_low": s["ci_low"], f"test_{name}_ci_high": s["ci_high"]})
         self.tracker.log_metrics(self.run_id, values)
         self.tracker.log_dict(self.run_id, groups, "seed_summary.json")
+        if groups:  # the seeds' metrics in the order their runs scored them (the benchmark's)
+            order = next((list(r["metrics"]) for r in results if r.get("metrics")), [])
+            self.tracker.set_tags(self.run_id, {notes.NOTE_TAG: notes.group_note(groups[0], order, len(results))})
         self.tracker.finish(self.run_id, ok=all(r.get("status") == "completed" for r in results))
