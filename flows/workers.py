@@ -1,0 +1,277 @@
+"""Prefect process workers on this machine, one per GPU, and the one-machine stack of
+``tuneval run --workers N`` (a loopback Prefect server unless ``PREFECT_API_URL`` is set, a process
+work pool, N workers), stopped in every case.
+
+A process worker builds each flow run's environment from its own (``{**os.environ, **job env}``),
+so a worker started with ``CUDA_VISIBLE_DEVICES=i`` and ``--limit 1`` gives every run it takes that
+one card and runs one at a time. On a CPU machine each worker gets ``cores / N`` torch threads.
+
+Process hygiene: each server and worker is a session (process group) of its own and gets SIGTERM
+when its parent dies (``PR_SET_PDEATHSIG``); stopping one stops its whole tree, because Prefect
+starts every flow run in a new session of its own: signalling a worker's group alone would leave
+its fine-tune running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneval.flows.local_server import LocalServer, free_port, start_server
+
+from tuneval.errors import TunevalError
+
+QUERY_SECONDS = "1"  # how often a local worker asks for runs (Prefect's default, 10 s, idles a group's start)
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use, without importing torch: ``CUDA_VISIBLE_DEVICES`` as listed,
+    else one per card the NVIDIA driver shows; none without a driver."""
+    if not Path("/proc/driver/nvidia/version").exists():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        ids = [x.strip() for x in listed.split(",") if x.strip()]
+        return [] if ids[:1] == ["-1"] else ids
+    cards = Path("/proc/driver/nvidia/gpus")
+    return [str(i) for i in range(len(list(cards.iterdir())))] if cards.is_dir() else []
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_envs(ids: list[str], gpu: bool) -> list[dict[str, str]]:
+    """Each worker's additions to the environment: its one device id; on a CPU, its share of cores."""
+    env = [{"CUDA_VISIBLE_DEVICES": i} for i in ids]
+    if not gpu:
+        threads = str(max(1, cores() // max(1, len(ids))))
+        env = [{**e, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for e in env]
+    return env
+
+
+def plan_local(workers: str) -> list[dict[str, str]]:
+    """``--workers N|auto`` as worker environments: worker i on GPU i; ``auto`` one per visible GPU.
+    On a machine without GPUs, N CPU workers (still numbered 0..N-1 in CUDA_VISIBLE_DEVICES)."""
+    gpus = visible_gpus()
+    if workers == "auto":
+        if not gpus:
+            raise TunevalError("--workers auto: no GPU is visible; pass --workers N to run N workers on the CPU")
+        return worker_envs(gpus, gpu=True)
+    n = int(workers)
+    if gpus and n > len(gpus):
+        raise TunevalError(f"--workers {n}: only {len(gpus)} GPUs are visible ({','.join(gpus)}); pass at most that")
+    return worker_envs(gpus[:n], gpu=True) if gpus else worker_envs([str(i) for i in range(n)], gpu=False)
+
+
+@dataclass
+class Worker:
+    name: str
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    log: Path | None
+
+
+def start_worker(pool: str, name: str, env: dict[str, str], log: Path | None = None) -> Worker:
+    """``prefect worker start`` for ``pool`` (type process, one run at a time) with ``env`` added."""
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
+    cmd += ["--limit", "1", "--name", name, "--install-policy", "never"]
+    out = log.open("ab") if log else None
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+        )
+    finally:
+        if out:
+            out.close()
+    return Worker(name, env, proc, log)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), in whatever session each one made for itself."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_tree(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM the process, its group and every descendant's group; SIGKILL what is left after ``grace``."""
+    pids = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else descendants(proc.pid)
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for g in groups:
+            try:
+                os.killpg(g, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 10)
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            proc.poll()  # reap our own child so it does not count as alive
+            time.sleep(0.1)
+        if not any(_alive(p) for p in pids):
+            break
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def ensure_pool(pool: str) -> bool:
+    """Create process work pool ``pool`` on the current API if missing; True when created here."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            return False
+        except ObjectNotFound:
+            pass
+        template = ProcessWorker.get_default_base_job_template()
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+        except ObjectAlreadyExists:  # another process made it meanwhile
+            return False
+        return True
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C inside the block (Python's default would skip every finally)."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    if main and previous in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        if main and signal.getsignal(signal.SIGTERM) is on_term:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def running_workers(
+    pool: str, envs: list[dict[str, str]], names: list[str], log_dir: Path | None = None
+) -> Iterator[list[Worker]]:
+    """One worker per env (``names[i]``, output to ``log_dir/<name>.log`` or inherited); every one
+    stopped, with its flow runs, when the block ends however it ends."""
+    workers: list[Worker] = []
+    try:
+        with sigterm_as_interrupt():
+            for name, env in zip(names, envs, strict=True):
+                workers.append(start_worker(pool, name, env, log_dir / f"{name}.log" if log_dir else None))
+            yield workers
+    finally:
+        for w in workers:
+            stop_tree(w.proc)
+
+
+@dataclass
+class LocalStack:
+    api_url: str
+    pool: str
+    log_dir: Path
+    workers: list[Worker] = field(default_factory=list)
+    server: LocalServer | None = None
+
+
+@contextmanager
+def local_stack(envs: list[dict[str, str]], pool: str, log_dir: Path) -> Iterator[LocalStack]:
+    """A Prefect server on loopback (or ``PREFECT_API_URL``'s), process pool ``pool`` and one worker per
+    env; all stopped when the block ends, by an exception, Ctrl-C or SIGTERM alike."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    db_dir = Path(tempfile.mkdtemp(prefix="tuneval-prefect-"))
+    stack = LocalStack(api_url=os.environ.get("PREFECT_API_URL", ""), pool=pool, log_dir=log_dir)
+    created = False
+    try:
+        with sigterm_as_interrupt():
+            if not stack.api_url:
+                # A private database: never the user's PREFECT_HOME one, which a `tuneval serve` may be using.
+                env = {
+                    "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db_dir / 'prefect.db'}",
+                    "PREFECT_UI_ENABLED": "false",
+                }
+                stack.server = start_server(free_port(), env, log=log_dir / "server.log", preexec=die_with_parent)
+                stack.api_url = stack.server.api_url
+            with temporary_settings({PREFECT_API_URL: stack.api_url}):
+                created = ensure_pool(pool)
+            base = {"PREFECT_API_URL": stack.api_url, "PREFECT_WORKER_QUERY_SECONDS": QUERY_SECONDS}
+            names = [f"worker-{i}" for i in range(len(envs))]
+            with running_workers(pool, [{**base, **e} for e in envs], names, log_dir) as workers:
+                stack.workers = workers
+                yield stack
+    finally:
+        if created and stack.server is None:  # a pool made on the user's server: remove it again
+            _delete_pool(pool, stack.api_url)
+        if stack.server is not None:
+            stop_tree(stack.server.proc)
+        shutil.rmtree(db_dir, ignore_errors=True)
+
+
+def _delete_pool(pool: str, api_url: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            client.delete_work_pool(pool)
+    except Exception:  # noqa: BLE001 - cleanup of a convenience: never hide the run's own outcome
+        pass
