@@ -223,10 +223,11 @@ def test_worker_killed_mid_finetune_resumes_on_the_other(stack: Stack, project: 
     )
     try:
 
-        def mid_epoch() -> bool:
-            return any(int(p.name.split("-")[1]) >= 20 for p in cache.glob("finetune/*.work/ckpt-*-0.pt"))
+        def mid_epoch() -> Path | None:
+            found = [p for p in cache.glob("finetune/*.work/ckpt-*-0.pt") if int(p.name.split("-")[1]) >= 20]
+            return found[0].parent if found else None
 
-        _wait_for(mid_epoch, 240, run, "a checkpoint at step 20")
+        work = _wait_for(mid_epoch, 240, run, "a checkpoint at step 20")
         beat = json.loads(next(cache.glob("invocations/*/long__tiny__toy.beat")).read_text())
         victim = next(w for w in stack.workers if w.env["CUDA_VISIBLE_DEVICES"] == beat["cuda_visible_devices"])
         stack.seen.update([beat["pid"], victim.proc.pid])
@@ -234,7 +235,7 @@ def test_worker_killed_mid_finetune_resumes_on_the_other(stack: Stack, project: 
         os.killpg(beat["pgid"], signal.SIGKILL)
         os.killpg(victim.proc.pid, signal.SIGKILL)
         victim.proc.wait(timeout=30)
-        assert not list(cache.glob("finetune/*/manifest.json"))  # it really died mid-training
+        assert not (work.parent / work.name.removesuffix(".work") / "manifest.json").exists()  # died mid-training
         output = run.communicate(timeout=400)[0]
     finally:
         if run.poll() is None:
