@@ -136,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"exit {commands.REGRESSION_EXIT} when a metric dropped beyond its CI since the previous run",
     )
+    rep.add_argument(
+        "--history", type=dispatch.count_arg, default=10, metavar="K", help="invocations on the trend chart (10)"
+    )
     rep.set_defaults(func=commands.cmd_report)
 
     u = sub.add_parser("ui", parents=[common], help="MLflow UI on the project's store (127.0.0.1)")
