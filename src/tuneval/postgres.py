@@ -48,7 +48,7 @@ def _run_as() -> list[str]:
     raise TunevalError("running as root and no `postgres` or `nobody` user exists to run PostgreSQL; add one")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -115,7 +115,7 @@ def start(port: int | None = None) -> LocalPostgres:
         entry = pwd.getpwnam(user)
         for p in (base, data):
             os.chown(p, entry.pw_uid, entry.pw_gid)
-    port = port or _free_port()
+    port = port or free_port()
     tools = bin_dir()
     try:
         init = subprocess.run(

@@ -39,6 +39,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise TunevalError("--invocation re-attaches to groups already on a pool: use it with --pool")
     if args.invocation and not INVOCATION.match(args.invocation):
         raise TunevalError(f"--invocation {args.invocation!r}: expected an id like 20261126T074000Z-3f9a1c")
+    if args.workers:
+        from tuneval.flows.workers import plan_local
+
+        plan_local(args.workers)  # `auto` without a GPU, more workers than GPUs: said before any planning
+    from tuneval.pipeline.groups import lost_after_seconds
+
+    lost_after_seconds()
 
 
 def dispatch_run(args: argparse.Namespace, loaded: Any, runs: list[Any], settings: Any) -> list[dict[str, Any]]:
