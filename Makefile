@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.tuneval-installed
 
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo test test-all lint ui clean
+.PHONY: install demo test test-scale test-all lint ui clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The scale-out tests (PostgreSQL, Prefect and MLflow servers, process workers): ~4 minutes.
+test-scale: $(STAMP)
+	$(BIN)/python -m pytest -q -m scale
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""

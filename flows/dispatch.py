@@ -47,6 +47,7 @@ class Dispatch:
     retries: int = 2  # re-queues of a crashed group
     lost_after: float = 60.0  # seconds without a heartbeat before a running group's worker counts as lost
     poll: float = 1.0
+    command: str | None = None  # the workers' run command (group.ensure_deployment), None: Prefect's default
 
 
 @flow(name="tuneval-dispatch", persist_result=False, validate_parameters=False)
@@ -54,7 +55,7 @@ def dispatch_flow(groups: list[GroupRef], settings: Settings, force: str | None,
     """Submit every group, wait for all, return their results in order; flag regressions once."""
     from tuneval.reporting.publish import flag_after_run
 
-    deployment = ensure_deployment(how.pool, how.source)
+    deployment = ensure_deployment(how.pool, how.source, how.command)
     ids = {ref: submit(deployment, ref, settings, force, how.config) for ref in groups}
     finals = wait_all(ids, settings, how)
     results: list[dict[str, Any]] = []

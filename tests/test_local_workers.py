@@ -21,7 +21,7 @@ from test_scale_out import CONFIG
 from tuneval.flows.workers import descendants
 from tuneval.postgres import alive
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.scale]
 
 
 class Watched:

@@ -20,7 +20,7 @@ import tiny
 from conftest import write_rows
 from stack import Stack
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.scale]
 
 POOL = "gpus"
 TRAIN = "train: {epochs: 2, learning_rate: 2e-3, batch_size: 16, warmup_steps: 2, log_every_steps: 2}"

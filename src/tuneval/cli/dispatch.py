@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from typing import Any
 
@@ -84,4 +85,6 @@ def dispatch_run(args: argparse.Namespace, loaded: Any, runs: list[Any], setting
     )
     with local_stack(envs, pool, log_dir) as stack:
         print(f"Prefect API {stack.api_url}; server and worker logs in {log_dir}", file=sys.stderr, flush=True)
-        return run_dispatch(stack.api_url, refs, settings, args.force, Dispatch(pool, **how))
+        # Our workers run this interpreter: each group's run starts as one engine process.
+        command = shlex.join([sys.executable, "-m", "prefect.engine"])
+        return run_dispatch(stack.api_url, refs, settings, args.force, Dispatch(pool, **how, command=command))
