@@ -63,9 +63,10 @@ def cores() -> int:
 
 
 def worker_envs(ids: list[str], gpu: bool) -> list[dict[str, str]]:
-    """Each worker's additions to the environment: its one device id; on a CPU, its share of cores."""
+    """Each worker's additions to the environment: its one device id; on a CPU, its share of cores
+    (unless OMP_NUM_THREADS is set already)."""
     env = [{"CUDA_VISIBLE_DEVICES": i} for i in ids]
-    if not gpu:
+    if not gpu and "OMP_NUM_THREADS" not in os.environ:  # the user's own setting wins
         threads = str(max(1, cores() // max(1, len(ids))))
         env = [{**e, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for e in env]
     return env

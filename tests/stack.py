@@ -5,6 +5,7 @@ and process workers; every process it starts is stopped by ``close()`` (and trac
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneval.flows.local_server import LocalServer, free_port, start_server
-from tuneval.flows.workers import Worker, descendants, ensure_pool, start_worker, stop_tree
+from tuneval.flows.workers import descendants, ensure_pool, stop_tree
 
 from tuneval import postgres
 
@@ -30,13 +31,21 @@ def http_ok(url: str) -> bool:
 
 
 @dataclass
+class Machine:
+    device: str  # its CUDA_VISIBLE_DEVICES
+    proc: subprocess.Popen[bytes]  # `tuneval worker`
+    log: Path  # its output and its Prefect worker's (the runs' output included)
+    worker_pid: int  # the Prefect process worker it started
+
+
+@dataclass
 class Stack:
     folder: Path
     pg: postgres.LocalPostgres | None = None
     prefect: LocalServer | None = None
     mlflow: subprocess.Popen[bytes] | None = None
     mlflow_uri: str = ""
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[Machine] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)  # every pid started here or below (for the orphan check)
     sampler: threading.Event = field(default_factory=threading.Event)
 
@@ -92,12 +101,26 @@ class Stack:
         with temporary_settings({PREFECT_API_URL: self.prefect.api_url}):
             ensure_pool(name)
 
-    def add_worker(self, pool: str, device: str) -> Worker:
-        env = {**self.env, "CUDA_VISIBLE_DEVICES": device, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        w = start_worker(pool, f"w{device}", env, self.folder / f"worker-{device}.log")
-        self.workers.append(w)
+    def add_worker(self, pool: str, device: str) -> Machine:
+        """A "machine": `tuneval worker --pool POOL --gpus DEVICE` (one torch thread), its own session."""
+        env = {**os.environ, **self.env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        log = self.folder / f"worker-{device}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tuneval.cli", "worker", "--pool", pool, "--gpus", device],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while not (line := re.search(r"\(pid (\d+)\) on pool", log.read_text(errors="replace"))):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.2)
+        machine = Machine(device, proc, log, int(line.group(1)))
+        self.workers.append(machine)
         self.note()
-        return w
+        return machine
 
     def note(self) -> None:
         """Remember every process below the servers and workers (flow runs start sessions of their own)."""
@@ -110,7 +133,7 @@ class Stack:
         self.sampler.set()
         self.note()
         for w in self.workers:
-            stop_tree(w.proc)
+            stop_tree(w.proc)  # Ctrl-C's path: `tuneval worker` stops its workers and their runs itself
         for proc in (self.mlflow, self.prefect.proc if self.prefect else None):
             if proc is not None:
                 stop_tree(proc)

@@ -156,3 +156,25 @@ def test_dispatch_pool_is_validated_like_every_key(project: Path, capsys) -> Non
     assert "pipelines.smoke.dispatch.when: unknown key" in err
     cfg.write_text(cfg.read_text().replace("{pool: [gpu], when: always}", "{pool: gpu-a100}"))
     assert main(["check", "--config", str(cfg)]) == 0
+
+
+def test_a_scheduled_pipeline_with_dispatch_fans_its_groups_out(project: Path, monkeypatch) -> None:
+    """`dispatch: {pool: NAME}` makes the scheduled flow submit one group per model x benchmark there."""
+    import tuneval.flows.deployments as deployments
+    import tuneval.flows.dispatch as dispatch
+
+    cfg = project / "pipelines.yaml"
+    text = cfg.read_text().replace("seeds: [1]", "seeds: [1, 2]").replace("models: [tiny]", "models: [tiny, tiny-gpt2]")
+    cfg.write_text(text + "    dispatch: {pool: gpu-a}\n")
+    seen = {}
+
+    def fake(groups, settings, force, how):  # what the real flow would submit
+        seen.update(groups=groups, how=how, invocation=settings.invocation)
+        return [{"status": "completed"} for g in groups for _ in g.seeds]
+
+    monkeypatch.setattr(deployments, "check_pool", lambda pool: seen.setdefault("checked", pool))
+    monkeypatch.setattr(dispatch, "dispatch_flow", fake)
+    results = deployments.pipeline_flow.fn(str(cfg), "smoke")
+    assert len(results) == 4 and seen["checked"] == "gpu-a"
+    assert [(g.model, g.seeds) for g in seen["groups"]] == [("tiny", (1, 2)), ("tiny-gpt2", (1, 2))]
+    assert (seen["how"].pool, seen["how"].config, seen["how"].source) == ("gpu-a", "pipelines.yaml", str(project))

@@ -17,8 +17,8 @@ import pytest
 import tiny
 from conftest import write_rows
 from test_scale_out import CONFIG
-
 from tuneval.flows.workers import descendants
+
 from tuneval.postgres import alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.scale]

@@ -229,11 +229,12 @@ def test_worker_killed_mid_finetune_resumes_on_the_other(stack: Stack, project: 
 
         work = _wait_for(mid_epoch, 240, run, "a checkpoint at step 20")
         beat = json.loads(next(cache.glob("invocations/*/long__tiny__toy.beat")).read_text())
-        victim = next(w for w in stack.workers if w.env["CUDA_VISIBLE_DEVICES"] == beat["cuda_visible_devices"])
-        stack.seen.update([beat["pid"], victim.proc.pid])
-        # The machine dies: its worker and the run it holds (a session of its own) go at once, no one reports.
-        os.killpg(beat["pgid"], signal.SIGKILL)
-        os.killpg(victim.proc.pid, signal.SIGKILL)
+        victim = next(w for w in stack.workers if w.device == beat["cuda_visible_devices"])
+        stack.seen.update([beat["pid"], victim.proc.pid, victim.worker_pid])
+        # The machine dies: the run, its Prefect worker and `tuneval worker` (each a session of its own)
+        # go at once; no one is left to report anything.
+        for group in (beat["pgid"], victim.worker_pid, victim.proc.pid):
+            os.killpg(group, signal.SIGKILL)
         victim.proc.wait(timeout=30)
         assert not (work.parent / work.name.removesuffix(".work") / "manifest.json").exists()  # died mid-training
         output = run.communicate(timeout=400)[0]

@@ -52,13 +52,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
             )
         print("Ctrl-C stops them", flush=True)
         try:
-            while all(w.proc.poll() is None for w in workers):
-                time.sleep(1)
+            return _watch(workers)
         except KeyboardInterrupt:
             print("stopping workers", file=sys.stderr, flush=True)
             return 0
-        dead = [w for w in workers if w.proc.poll() is not None]
-    raise TunevalError(
-        f"worker {dead[0].name} exited with status {dead[0].proc.returncode} (see its output above); "
-        "the others were stopped: check PREFECT_API_URL and the pool, then start `tuneval worker` again"
-    )
+
+
+def _watch(workers: list) -> int:
+    """Until Ctrl-C: a worker that exits on its own is reported and the others go on (its run, if
+    any, ends CRASHED and is re-queued by the dispatcher); with none left, a one-line error."""
+    gone: set[str] = set()
+    while True:
+        for w in workers:
+            if w.name not in gone and w.proc.poll() is not None:
+                gone.add(w.name)
+                print(f"warning: worker {w.name} exited with status {w.proc.returncode}", file=sys.stderr, flush=True)
+        if len(gone) == len(workers):
+            raise TunevalError(
+                "every worker exited (see their output above); check PREFECT_API_URL and the pool, "
+                "then start `tuneval worker` again"
+            )
+        time.sleep(1)
