@@ -32,7 +32,24 @@ from tuneval.flows.local_server import LocalServer, free_port, start_server
 
 from tuneval.errors import TunevalError
 
-QUERY_SECONDS = "1"  # how often a local worker asks for runs (Prefect's default, 10 s, idles a group's start)
+QUERY_SECONDS = "1"
+# Server services a throwaway --workers server never needs (no schedules, automations, pauses or
+# cancellations; the dispatcher itself notices lost runs): each polls the database on the CPUs
+# the fine-tunes need. The task-run recorder and event persister stay: they record what ran.
+IDLE_SERVICES = {
+    f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
+    for name in (
+        "SCHEDULER",
+        "LATE_RUNS",
+        "FOREMAN",
+        "TRIGGERS",
+        "PAUSE_EXPIRATIONS",
+        "CANCELLATION_CLEANUP",
+        "REPOSSESSOR",
+        "CLEANUP_RECONCILER",
+        "DB_VACUUM",
+    )
+}  # how often a local worker asks for runs (Prefect's default, 10 s, idles a group's start)
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -249,6 +266,7 @@ def local_stack(envs: list[dict[str, str]], pool: str, log_dir: Path) -> Iterato
                 env = {
                     "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db_dir / 'prefect.db'}",
                     "PREFECT_UI_ENABLED": "false",
+                    **IDLE_SERVICES,
                 }
                 stack.server = start_server(free_port(), env, log=log_dir / "server.log", preexec=die_with_parent)
                 stack.api_url = stack.server.api_url
