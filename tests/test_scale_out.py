@@ -251,10 +251,11 @@ def test_worker_killed_mid_finetune_resumes_on_the_other(stack: Stack, project: 
     assert resumed["metrics"] == reference["metrics"]
     survivor = next(w for w in stack.workers if w is not victim)
     assert "resuming from checkpoint" in survivor.log.read_text(errors="replace")
-    key = resumed["stages"]["predict"]["key"]
     logits = [
-        pq.read_table(c / "predict" / key / "predictions.parquet").column("logits").to_pylist()
-        for c in (cache, tmp_path / "ref-cache")
+        pq.read_table(c / "predict" / r["stages"]["predict"]["key"] / "predictions.parquet")
+        .column("logits")
+        .to_pylist()
+        for c, r in ((cache, resumed), (tmp_path / "ref-cache", reference))
     ]
     assert logits[0] == logits[1]
 
