@@ -286,11 +286,15 @@ def local_stack(envs: list[dict[str, str]], pool: str, log_dir: Path) -> Iterato
 
 
 def _delete_pool(pool: str, api_url: str) -> None:
+    """Remove the pool made on the user's server, and the group deployment registered on it."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     try:
         with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-            client.delete_work_pool(pool)
+            try:
+                client.delete_deployment(client.read_deployment_by_name(f"tuneval-group/{pool}").id)
+            finally:
+                client.delete_work_pool(pool)
     except Exception:  # noqa: BLE001 - cleanup of a convenience: never hide the run's own outcome
         pass

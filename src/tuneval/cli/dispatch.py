@@ -61,6 +61,12 @@ def dispatch_run(args: argparse.Namespace, loaded: Any, runs: list[Any], setting
     how = {"config": config, "source": source, "retries": args.retries, "lost_after": lost_after_seconds()}
     if args.pool:
         check_pool(args.pool)  # PREFECT_API_URL set and reachable, the pool exists: else one error line
+        if settings.track and settings.tracking_uri.startswith("sqlite:"):
+            print(
+                f"warning: MLflow store {settings.tracking_uri} is a SQLite file: workers on other machines "
+                "need MLFLOW_TRACKING_URI pointing at a tracking server (see README, Scale out)",
+                file=sys.stderr,
+            )
         print(f"invocation {settings.invocation}: {len(refs)} groups on pool {args.pool}", file=sys.stderr, flush=True)
         try:
             return run_dispatch(None, refs, settings, args.force, Dispatch(args.pool, **how))
