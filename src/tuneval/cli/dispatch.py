@@ -84,8 +84,9 @@ def dispatch_run(args: argparse.Namespace, loaded: Any, runs: list[Any], setting
     log_dir = invocation_dir(settings) / "local"
     devices = ", ".join(f"CUDA_VISIBLE_DEVICES={e['CUDA_VISIBLE_DEVICES']}" for e in envs)
     threads = f", {envs[0]['OMP_NUM_THREADS']} torch threads each" if "OMP_NUM_THREADS" in envs[0] else ""
+    plural = "workers" if len(envs) > 1 else "worker"
     print(
-        f"invocation {settings.invocation}: {len(refs)} groups on {len(envs)} local workers ({devices}{threads})",
+        f"invocation {settings.invocation}: {len(refs)} groups on {len(envs)} local {plural} ({devices}{threads})",
         file=sys.stderr,
         flush=True,
     )
