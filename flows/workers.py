@@ -33,6 +33,7 @@ from tuneval.flows.local_server import LocalServer, free_port, start_server
 from tuneval.errors import TunevalError
 
 QUERY_SECONDS = "1"
+STOP_GRACE = 3.0  # seconds a --workers stack's processes get between SIGTERM and SIGKILL
 # Server services a throwaway --workers server never needs (no schedules, automations, pauses or
 # cancellations; the dispatcher itself notices lost runs): each polls the database on the CPUs
 # the fine-tunes need. The task-run recorder and event persister stay: they record what ran.
@@ -150,30 +151,39 @@ def descendants(pid: int) -> list[int]:
 
 
 def stop_tree(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
-    """SIGTERM the process, its group and every descendant's group; SIGKILL what is left after ``grace``."""
-    pids = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else descendants(proc.pid)
+    stop_trees([proc], grace)
+
+
+def stop_trees(procs: list[subprocess.Popen[bytes]], grace: float = 15) -> None:
+    """SIGTERM the processes, their groups and every descendant's group, all at once; SIGKILL what is
+    left after ``grace`` seconds."""
+    pids: list[int] = []
+    for proc in procs:
+        pids += ([proc.pid] if proc.poll() is None else []) + descendants(proc.pid)
     groups = set()
     for pid in pids:
         try:
             groups.add(os.getpgid(pid))
         except ProcessLookupError:
             pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         for g in groups:
             try:
                 os.killpg(g, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 10)
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            proc.poll()  # reap our own child so it does not count as alive
-            time.sleep(0.1)
+            for proc in procs:
+                proc.poll()  # reap our own children so they do not count as alive
+            time.sleep(0.05)
         if not any(_alive(p) for p in pids):
             break
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _alive(pid: int) -> bool:
@@ -225,10 +235,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 @contextmanager
 def running_workers(
-    pool: str, envs: list[dict[str, str]], names: list[str], log_dir: Path | None = None
+    pool: str, envs: list[dict[str, str]], names: list[str], log_dir: Path | None = None, grace: float = 15
 ) -> Iterator[list[Worker]]:
-    """One worker per env (``names[i]``, output to ``log_dir/<name>.log`` or inherited); every one
-    stopped, with its flow runs, when the block ends however it ends."""
+    """One worker per env (``names[i]``, output to ``log_dir/<name>.log`` or inherited); all stopped
+    together, with their flow runs, when the block ends however it ends (SIGKILL after ``grace`` s)."""
     workers: list[Worker] = []
     try:
         with sigterm_as_interrupt():
@@ -236,8 +246,7 @@ def running_workers(
                 workers.append(start_worker(pool, name, env, log_dir / f"{name}.log" if log_dir else None))
             yield workers
     finally:
-        for w in workers:
-            stop_tree(w.proc)
+        stop_trees([w.proc for w in workers], grace)
 
 
 @dataclass
@@ -274,14 +283,16 @@ def local_stack(envs: list[dict[str, str]], pool: str, log_dir: Path) -> Iterato
                 created = ensure_pool(pool)
             base = {"PREFECT_API_URL": stack.api_url, "PREFECT_WORKER_QUERY_SECONDS": QUERY_SECONDS}
             names = [f"worker-{i}" for i in range(len(envs))]
-            with running_workers(pool, [{**base, **e} for e in envs], names, log_dir) as workers:
+            # A throwaway stack: its runs are checkpointed and its server's database is deleted, so
+            # a short grace (the workers' own shutdown takes 5-15 s) does not lose anything.
+            with running_workers(pool, [{**base, **e} for e in envs], names, log_dir, grace=STOP_GRACE) as workers:
                 stack.workers = workers
                 yield stack
     finally:
         if created and stack.server is None:  # a pool made on the user's server: remove it again
             _delete_pool(pool, stack.api_url)
         if stack.server is not None:
-            stop_tree(stack.server.proc)
+            stop_trees([stack.server.proc], STOP_GRACE)
         shutil.rmtree(db_dir, ignore_errors=True)
 
 

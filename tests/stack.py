@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneval.flows.local_server import LocalServer, free_port, start_server
-from tuneval.flows.workers import descendants, ensure_pool, stop_tree
+from tuneval.flows.workers import descendants, ensure_pool, stop_trees
 
 from tuneval import postgres
 
@@ -132,11 +132,8 @@ class Stack:
     def close(self) -> None:
         self.sampler.set()
         self.note()
-        for w in self.workers:
-            stop_tree(w.proc)  # Ctrl-C's path: `tuneval worker` stops its workers and their runs itself
-        for proc in (self.mlflow, self.prefect.proc if self.prefect else None):
-            if proc is not None:
-                stop_tree(proc)
+        servers = [p for p in (self.mlflow, self.prefect.proc if self.prefect else None) if p is not None]
+        stop_trees([w.proc for w in self.workers] + servers, grace=10)  # every tree at once
         if self.pg is not None:
             self.pg.stop()
             self.seen.add(self.pg.pid)
