@@ -77,7 +77,8 @@ def dispatch_run(args: argparse.Namespace, loaded: Any, runs: list[Any], setting
                 file=sys.stderr,
             )
             raise
-    from tuneval.flows.workers import local_stack, plan_local
+    from tuneval.flows.local_stack import local_stack
+    from tuneval.flows.workers import plan_local
 
     envs = plan_local(args.workers)
     pool = f"tuneval-local-{settings.invocation}"
