@@ -27,7 +27,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The scale-out tests (PostgreSQL, Prefect and MLflow servers, process workers): ~4 minutes.
+# The scale-out tests (PostgreSQL, Prefect and MLflow servers, process workers): ~3 minutes.
 test-scale: $(STAMP)
 	$(BIN)/python -m pytest -q -m scale
 
