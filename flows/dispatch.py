@@ -97,6 +97,8 @@ def wait_all(ids: dict[GroupRef, UUID], settings: Settings, how: Dispatch) -> di
     watch = BeatWatch(how.lost_after)
     requeued = dict.fromkeys(ids, 0)
     done: dict[GroupRef, Any] = {}
+    running: dict[GroupRef, float] = {}  # when each was first seen running
+    unseen: set[GroupRef] = set()  # warned: running without a heartbeat visible here
     start, warned = time.monotonic(), False
     with get_client(sync_client=True) as client:
         while len(done) < len(ids):
@@ -116,10 +118,22 @@ def wait_all(ids: dict[GroupRef, UUID], settings: Settings, how: Dispatch) -> di
                         how.retries,
                     )
                     watch.forget(beat_path(settings, ref))
+                    running.pop(ref, None)
                     client.set_flow_run_state(run.id, AwaitingRetry(message=f"tuneval: {state.message}"), force=True)
                 elif state.is_final():
                     done[ref] = run
-                elif state.is_running() and (beat := watch.lost(beat_path(settings, ref))) is not None:
+                elif state.is_running() and (beat := watch.lost(beat_path(settings, ref))) is None:
+                    running.setdefault(ref, time.monotonic())
+                    if not watch.ever_seen(beat_path(settings, ref)) and ref not in unseen:
+                        if time.monotonic() - running[ref] > 2 * how.lost_after:
+                            unseen.add(ref)
+                            log.warning(
+                                "%s runs, but its heartbeat %s never appeared here: a lost worker would go "
+                                "unnoticed; point TUNEVAL_CACHE_DIR at the storage the workers share",
+                                ref.name,
+                                beat_path(settings, ref),
+                            )
+                elif state.is_running() and beat is not None:
                     message = (
                         f"worker lost: no heartbeat from {beat.get('host')} pid {beat.get('pid')} "
                         f"(CUDA_VISIBLE_DEVICES={beat.get('cuda_visible_devices')}) for {how.lost_after:.0f} s"

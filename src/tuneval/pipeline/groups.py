@@ -180,5 +180,8 @@ class BeatWatch:
             return None
         return beat if now - old[1] > self.lost_after else None
 
+    def ever_seen(self, path: Path) -> bool:
+        return path in self.seen
+
     def forget(self, path: Path) -> None:
         self.seen.pop(path, None)
