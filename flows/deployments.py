@@ -43,7 +43,18 @@ def pipeline_flow(config: str, pipeline: str, force: str | None = None) -> list[
     runs = resolve_runs(loaded, [pipeline])
     settings = Settings.from_env(loaded.root)
     Tracker(settings.tracking_uri, settings.artifact_root).check()
-    results = run_flow(runs, settings, force)
+    dispatch = loaded.config.pipelines[pipeline].dispatch
+    if dispatch is None:
+        results = run_flow(runs, settings, force)
+    else:  # `dispatch: {pool: NAME}`: the seed groups fan out over that pool, as `tuneval run --pool` does
+        from tuneval.flows.dispatch import Dispatch, dispatch_flow
+
+        from tuneval.pipeline.groups import groups_of, lost_after_seconds
+
+        check_pool(dispatch.pool)
+        source = str(loaded.root)
+        how = Dispatch(dispatch.pool, config_parameter(loaded.path, source), source, lost_after=lost_after_seconds())
+        results = dispatch_flow(groups_of(runs), settings, force, how)
     failed = [r for r in results if r.get("status") != "completed"]
     if failed:
         log = get_run_logger()

@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,11 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
 
 
 def start_server(
-    port: int, env: dict[str, str] | None = None, timeout: float = 120, log: Path | None = None
+    port: int,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    log: Path | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> LocalServer:
     """Start ``prefect server start`` on 127.0.0.1:port and wait until its API answers (output to ``log``)."""
     if port_in_use(port):
@@ -93,6 +98,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {}), "PREFECT_API_URL": api_url},
             start_new_session=True,  # its own process group, so stop() reaches every child
+            preexec_fn=preexec,  # e.g. die with the parent (tuneval run --workers)
         )
     server = LocalServer(proc, api_url, log)
     deadline = time.monotonic() + timeout

@@ -169,7 +169,9 @@ def test_cli_report_files_tags_exit_codes(store: Settings, tmp_path: Path, monke
     assert tags["m1"]["tuneval.regression"] == "true" and tags["m1"]["tuneval.regressed_metrics"] == "accuracy"
     assert tags["m2"]["tuneval.regressed_metrics"] == "perplexity"
     logged = {f.path for f in tracker.client.list_artifacts(report.latest[0].run_id, "report")}
-    assert logged == {"report/report.md", "report/report.html", "report/report.png"}
+    assert logged == {"report/report.md", "report/report.html", "report/report.png", "report/trend.png"}
+    assert (folder / "trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![the last invocations](trend.png)" in (folder / "report.md").read_text()
 
     # Without the flag a regression is reported but the exit code stays 0; all pipelines by default.
     assert main(["report", "--config", cfg, "--out", str(out)]) == 0

@@ -62,7 +62,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.pipelines:
         names = tracked_pipelines(settings, names)
     out = Path(args.out) if args.out else Path("reports")
-    done = publish(settings, names, out)
+    done = publish(settings, names, out, args.history)
     regressions = []
     for report, paths in done:
         from tuneval.reporting.render import markdown

@@ -11,7 +11,7 @@ import sys
 from typing import NoReturn
 
 from tuneval import __version__
-from tuneval.cli import commands, run, schedule, ui
+from tuneval.cli import commands, dispatch, run, schedule, ui, worker
 from tuneval.errors import TunevalError
 
 # pipeline.keys.ORDER, written out: `tuneval --help` imports no config code (a test compares them).
@@ -118,6 +118,20 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run through Prefect even when every stage is cached (by default such a run is only recorded)",
     )
+    fan = r.add_argument_group("fan-out (seed groups run in parallel on Prefect workers)")
+    fan.add_argument(
+        "--pool", metavar="NAME", help="dispatch each seed group to work pool NAME (PREFECT_API_URL's server)"
+    )
+    fan.add_argument(
+        "--workers",
+        type=dispatch.workers_arg,
+        metavar="N|auto",
+        help="start N local workers (auto: one per visible GPU), worker i on GPU i; stopped when done",
+    )
+    fan.add_argument(
+        "--retries", type=dispatch.count_arg, default=2, metavar="N", help="re-queue a crashed group up to N times (2)"
+    )
+    fan.add_argument("--invocation", metavar="ID", help="with --pool: wait again for an invocation already submitted")
     r.set_defaults(func=run.cmd_run)
 
     rep = sub.add_parser("report", parents=[common], help="leaderboard from MLflow, regressions since the last run")
@@ -127,6 +141,9 @@ def parser() -> argparse.ArgumentParser:
         "--fail-on-regression",
         action="store_true",
         help=f"exit {commands.REGRESSION_EXIT} when a metric dropped beyond its CI since the previous run",
+    )
+    rep.add_argument(
+        "--history", type=dispatch.count_arg, default=10, metavar="K", help="invocations on the trend chart (10)"
     )
     rep.set_defaults(func=commands.cmd_report)
 
@@ -160,6 +177,16 @@ def parser() -> argparse.ArgumentParser:
                 metavar="DIR|GIT_URL",
                 help="where workers get the project: a folder they share (default: the config's folder) or a git URL",
             )
+
+    w = sub.add_parser("worker", parents=[common], help="Prefect process workers on this machine, one per GPU")
+    w.add_argument("--pool", required=True, metavar="NAME", help="work pool to take seed groups from")
+    w.add_argument(
+        "--gpus",
+        type=worker.gpus_arg,
+        metavar="0,1,...",
+        help="GPU ids, one worker each (default: every visible GPU; none visible: one CPU worker)",
+    )
+    w.set_defaults(func=worker.cmd_worker)
 
     sub.add_parser("list", parents=[common], help="pipelines, models and benchmarks declared").set_defaults(
         func=commands.cmd_list

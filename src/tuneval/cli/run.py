@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -18,16 +19,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise TunevalError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist; create it")
+    from tuneval.cli import dispatch
+
+    dispatch.check_args(args)
     loaded = load_config(args.config)
     runs = resolve_runs(loaded, args.pipelines)  # every check that needs no model, before any flow starts
     settings = Settings.from_env(loaded.root, track=not args.no_track)
+    if args.invocation:  # re-attach: the same idempotency keys find the groups already submitted
+        settings = dataclasses.replace(settings, invocation=args.invocation)
+    fan_out = bool(args.pool or args.workers)
     from tuneval.pipeline import runner
 
     # Nothing to build: record the runs (MLflow, JSON, table) with the plain stage functions and
     # skip Prefect, whose server start-up would be most of the time. --always-flow overrides.
-    cached = not args.always_flow and runner.all_cached(runs, settings, args.force)
+    cached = not args.always_flow and not args.invocation and runner.all_cached(runs, settings, args.force)
     server = None
-    if not cached and not os.environ.get("PREFECT_API_URL"):
+    if not cached and not fan_out and not os.environ.get("PREFECT_API_URL"):
         from tuneval.flows.ephemeral_server import early_server
 
         server = early_server()  # starts while MLflow and Prefect import below
@@ -37,6 +44,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         Tracker(settings.tracking_uri, settings.artifact_root).check()
     if cached:
         results = runner.run_groups(runs, settings, runner.run_plain)
+    elif fan_out:
+        results = dispatch.dispatch_run(args, loaded, runs, settings)
     else:
         results = _run_with_prefect(runs, settings, args.force, server)
     if args.json:
@@ -51,7 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(summary_table(multi))
     failed = [r for r in results if r.get("status") != "completed"]
     for r in failed:
-        print(f"error: {r.get('model')}/{r.get('benchmark')}/seed {r.get('seed')}: {r.get('error')}", file=sys.stderr)
+        where = (
+            f"{r.get('pipeline')}/{r.get('model')}/{r.get('benchmark')}"
+            if fan_out
+            else f"{r.get('model')}/{r.get('benchmark')}"
+        )
+        print(f"error: {where}/seed {r.get('seed')}: {r.get('error')}", file=sys.stderr)
     return 2 if failed else 0
 
 

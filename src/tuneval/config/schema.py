@@ -6,9 +6,9 @@ The top level (models, pipelines, schedules) is here; ``train:`` is ``config.tra
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, StringConstraints, field_validator
 
 from tuneval.config.base import Name, Strict
 from tuneval.config.benchmarks import BenchmarkSpec
@@ -55,9 +55,18 @@ class Schedule(Strict):
         return tz
 
 
+class Dispatch(Strict):
+    """Where a scheduled pipeline's seed groups run: a Prefect work pool (`tuneval serve`/`deploy`)."""
+
+    pool: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")] = Field(
+        description="Prefect work pool whose workers run the groups (e.g. created by `prefect work-pool create`)"
+    )
+
+
 class PipelineSpec(Strict):
     description: str | None = None
     schedule: Schedule | None = None
+    dispatch: Dispatch | None = None
     models: list[Name] = Field(min_length=1)
     benchmarks: list[Name] = Field(min_length=1)
     seeds: list[int] = Field([42], min_length=1)

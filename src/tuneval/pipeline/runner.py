@@ -102,25 +102,38 @@ def run_groups(
     Several seeds of one model x benchmark nest under a parent MLflow run carrying their
     statistics. A failed run is recorded and the others still run."""
     results = []
-    for (pipeline, model, benchmark), group in group_by_seeds(runs).items():
-        parent = SeedGroup(settings, pipeline, model, benchmark, [r.seed for r in group]) if len(group) > 1 else None
-        fused, run_force = fuse_group(group, settings, fns, force_from) if len(group) > 1 else ({}, force_from)
-        group_results = []
-        for run in group:
-            try:
-                parent_id = parent and parent.run_id
-                group_results.append(run_one(run, settings, run_force, parent_id, fused.get(run.seed)))
-            except TunevalError as e:
-                group_results.append(
-                    getattr(e, "tuneval_result", None) or {"run": run.run_name, "status": "failed", "error": str(e)}
-                )
-        if parent is not None:
-            parent.close(group_results)
-        results += group_results
+    for group in group_by_seeds(runs).values():
+        results += run_group(group, settings, run_one, force_from, fns)
     from tuneval.reporting.publish import flag_after_run
 
     flag_after_run(settings, list(dict.fromkeys(r.pipeline for r in runs)))  # tags + warns on regressions
     return results
+
+
+def run_group(
+    group: list[RunSpec],
+    settings: Settings,
+    run_one: RunOne,
+    force_from: str | None = None,
+    fns: Mapping[str, Callable[..., Any]] = PLAIN,
+) -> list[dict[str, Any]]:
+    """One seed group (the runs of one pipeline x model x benchmark): its parent MLflow run, the
+    fused pass when it applies, then each seed's run. Also the unit a work-pool worker runs."""
+    pipeline, model, benchmark = group[0].pipeline, group[0].model_name, group[0].benchmark_name
+    parent = SeedGroup(settings, pipeline, model, benchmark, [r.seed for r in group]) if len(group) > 1 else None
+    fused, run_force = fuse_group(group, settings, fns, force_from) if len(group) > 1 else ({}, force_from)
+    group_results = []
+    for run in group:
+        try:
+            parent_id = parent and parent.run_id
+            group_results.append(run_one(run, settings, run_force, parent_id, fused.get(run.seed)))
+        except TunevalError as e:
+            group_results.append(
+                getattr(e, "tuneval_result", None) or {"run": run.run_name, "status": "failed", "error": str(e)}
+            )
+    if parent is not None:
+        parent.close(group_results)
+    return group_results
 
 
 def fuse_group(

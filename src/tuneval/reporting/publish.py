@@ -18,26 +18,40 @@ import pyarrow.parquet as pq
 
 from tuneval.errors import TunevalError
 from tuneval.reporting import pairs as pairs_mod
-from tuneval.reporting import render
+from tuneval.reporting import render, trend
 from tuneval.reporting import rules as rp
 from tuneval.settings import Settings
+from tuneval.tracking import queries
 from tuneval.tracking.client import Tracker
 
 log = logging.getLogger(__name__)
 
-FILES = ("report.md", "report.html", "report.png")
+FILES = ("report.md", "report.html", "report.png", "trend.png")
+HISTORY = 10  # invocations on the trend chart
 
 
-def load(tracker: Tracker, pipeline: str, pairs: bool = False) -> rp.Report | None:
+def fetch(tracker: Tracker, pipeline: str, history: int = HISTORY) -> list[dict[str, Any]] | None:
+    """The runs a report reads, asked of MLflow with server-side filters (``tracking.queries``), not
+    every run of the experiment: the last ``history`` invocations' heads, the latest one's runs, and
+    each latest model x benchmark's previous entry."""
+    return queries.report_runs(tracker, pipeline, history, is_entry=lambda r: bool(rp.entries(pipeline, [r])))
+
+
+def load(tracker: Tracker, pipeline: str, pairs: bool = False, history: int = HISTORY) -> rp.Report | None:
     """The report; with ``pairs`` also its pairwise comparisons (downloads the runs' predictions)."""
-    runs = tracker.pipeline_runs(pipeline)
+    return load_with_runs(tracker, pipeline, pairs, history)[0]
+
+
+def load_with_runs(
+    tracker: Tracker, pipeline: str, pairs: bool = False, history: int = HISTORY
+) -> tuple[rp.Report | None, list[dict[str, Any]]]:
+    runs = fetch(tracker, pipeline, history) or []
     report = rp.build(pipeline, runs) if runs else None
     if report is None or not pairs:
-        return report
+        return report, runs
     with tempfile.TemporaryDirectory(prefix="tuneval-pairs-") as tmp:
-        return dataclasses.replace(
-            report, pairs=pairs_mod.compare(report, runs or [], predictions_of(tracker, Path(tmp)))
-        )
+        compared = pairs_mod.compare(report, runs, predictions_of(tracker, Path(tmp)))
+    return dataclasses.replace(report, pairs=compared), runs
 
 
 def predictions_of(tracker: Tracker, folder: Path) -> pairs_mod.Examples:
@@ -67,29 +81,32 @@ def tag_regressions(tracker: Tracker, report: rp.Report) -> None:
         )
 
 
-def write(report: rp.Report, folder: Path) -> list[Path]:
+def write(report: rp.Report, folder: Path, trend_points: list[trend.Point] | None = None) -> list[Path]:
     from tuneval.reporting.chart import write_png
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.md").write_text(render.markdown(report))
-    (folder / "report.html").write_text(render.to_html(report))
+    (folder / "report.md").write_text(render.markdown(report, trend="trend.png"))
+    (folder / "report.html").write_text(render.to_html(report, trend="trend.png"))
     write_png(report, folder / "report.png")
+    trend.write_png(report.pipeline, trend_points or [], folder / "trend.png")
     return [folder / f for f in FILES]
 
 
-def publish(settings: Settings, pipelines: list[str], out: Path) -> list[tuple[rp.Report, list[Path]]]:
+def publish(
+    settings: Settings, pipelines: list[str], out: Path, history: int = HISTORY
+) -> list[tuple[rp.Report, list[Path]]]:
     """Report each pipeline into ``out/<pipeline>/``, log the files on its latest runs, tag regressions."""
     tracker = Tracker(settings.tracking_uri, settings.artifact_root)
     tracker.check()
     done = []
     for pipeline in pipelines:
-        report = load(tracker, pipeline, pairs=True)
+        report, runs = load_with_runs(tracker, pipeline, pairs=True, history=history)
         if report is None:
             raise TunevalError(
                 f"pipeline '{pipeline}' has no tracked runs in {settings.tracking_uri}; "
                 f"run `tuneval run {pipeline}` first (runs logged before tuneval 'report' support are not read)"
             )
-        paths = write(report, out / pipeline)
+        paths = write(report, out / pipeline, trend.points(rp.entries(pipeline, runs), history))
         for e in report.latest:
             for p in paths:
                 tracker.log_artifact(e.run_id, p, "report")

@@ -166,11 +166,16 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def markdown(report: Report, chart: str | None = "report.png") -> str:
+TREND_INTRO = "Each benchmark x metric over the last invocations: a line per model, its 95% CI as a band."
+
+
+def markdown(report: Report, chart: str | None = "report.png", trend: str | None = None) -> str:
     lines = [f"# tuneval report: {report.pipeline}", "", _intro(report), "", *summary_lines(report), ""]
     lines += ["## Leaderboard", "", *_md_table(*leaderboard_rows(report)), ""]
     if chart:
         lines += [f"![mean and 95% CI per model]({chart})", ""]
+    if trend:
+        lines += ["## Trend", "", TREND_INTRO, "", f"![the last invocations]({trend})", ""]
     lines += ["## Details", "", *_md_table(*detail_rows(report)), ""]
     if report.pairs:
         lines += ["## Pairwise comparisons", "", PAIRS_INTRO, "", *_md_table(*pair_rows(report)), ""]
@@ -194,7 +199,7 @@ def _html_table(head: list[str], rows: list[list[str]], regressed_col: int | Non
     return "\n".join([*out, "</table>"])
 
 
-def to_html(report: Report, chart: str | None = "report.png") -> str:
+def to_html(report: Report, chart: str | None = "report.png", trend: str | None = None) -> str:
     summary = summary_lines(report)
     items = "".join(f"<li>{html.escape(s[2:])}</li>" for s in summary[1:])
     head, rows = detail_rows(report)
@@ -208,6 +213,11 @@ def to_html(report: Report, chart: str | None = "report.png") -> str:
         "<h2>Leaderboard</h2>",
         _html_table(*leaderboard_rows(report)),
         f'<img src="{html.escape(chart)}" alt="mean and 95% CI per model">' if chart else "",
+        *(
+            ["<h2>Trend</h2>", f"<p>{TREND_INTRO}</p>", f'<img src="{html.escape(trend)}" alt="the last invocations">']
+            if trend
+            else []
+        ),
         "<h2>Details</h2>",
         _html_table(head, rows, regressed_col=head.index("verdict")),
         *(
