@@ -45,6 +45,9 @@ def choose(train: Any, problem: str, device_kind: str) -> Levers:
     applies, ``transformers`` = never. Only classification has a [CLS] head to feed.
     """
     wanted = {"auto": device_kind == "cpu", "tuneval": True, "transformers": False}[train.encoder_kernels]
+    # tuneval's forward reads the Linear weights itself: LoRA layers wrapping them, and transformers'
+    # activation recomputation, live in the modules' own forwards, which it does not call.
+    wanted = wanted and train.adapter is None and not train.gradient_checkpointing
     return Levers(encoder_forward=wanted and problem == "classification", heap_reuse=device_kind == "cpu")
 
 

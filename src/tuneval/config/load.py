@@ -116,8 +116,12 @@ def _check_devices(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         own = own if isinstance(own, dict) else {}
         try:
             t = TrainSettings.model_validate({**base, **own})
-        except ValidationError:
-            continue  # reported by _check_train_overrides
+        except ValidationError as e:
+            # Each block alone was valid (else reported by _check_train_overrides) but not together.
+            if _valid(base) and _valid(own):
+                where = ("pipelines", name, "train")
+                out += [(where + tuple(err["loc"]), describe(err)) for err in e.errors()]
+            continue
         if t.batch_size % t.devices:
             where = ("pipelines", name, "train") if {"devices", "batch_size"} & own.keys() else ("defaults", "train")
             out.append(
@@ -128,6 +132,14 @@ def _check_devices(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
                 )
             )
     return out
+
+
+def _valid(block: dict[str, Any]) -> bool:
+    try:
+        TrainSettings.model_validate(block)
+    except ValidationError:
+        return False
+    return True
 
 
 def _check_references(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:

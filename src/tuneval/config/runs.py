@@ -71,6 +71,11 @@ def resolve_runs(loaded: LoadedConfig, names: list[str] | None = None) -> list[R
                     "hub is offline (HF_HUB_OFFLINE=1); give a local folder or package:NAME"
                 )
                 continue
+            if train.adapter is not None or train.gradient_checkpointing:
+                from tuneval.models import adapters  # imports torch: only for the runs that need it
+
+                where = f"{loaded.path.name}: pipelines.{pname} (model {mname})"
+                problems += adapters.check(model_path, model.revision, model.trust_remote_code, train, where)
             for bname in pipe.benchmarks:
                 bench = _absolute_paths(cfg.benchmarks[bname], loaded)
                 if bench.data.hub and _offline():

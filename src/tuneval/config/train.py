@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from tuneval.config.base import Strict
 
@@ -17,6 +17,22 @@ class TopK(Strict):
     """Train the head and the top ``top_k`` transformer layers; freeze the rest."""
 
     top_k: PositiveInt
+
+
+class LoraSpec(Strict):
+    """LoRA adapters (peft) on the backbone's projections; the backbone's own weights stay frozen and
+    the task head (and any other newly initialised module) stays fully trainable."""
+
+    type: Literal["lora"] = "lora"
+    r: PositiveInt = Field(8, description="rank of each adapter's A (r x in) and B (out x r) matrices")
+    alpha: PositiveFloat = Field(16, description="scaling: the adapter's update is multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="names of the Linear layers to adapt (a name matches a module whose dotted path ends "
+        "with it, e.g. q_proj); auto = the attention and MLP projections of the architecture",
+        min_length=1,
+    )
 
 
 class TrainSettings(Strict):
@@ -40,6 +56,14 @@ class TrainSettings(Strict):
     dropout: float | None = Field(None, ge=0, lt=1, description="head dropout; None = the backbone's")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     trainable: Literal["all", "head"] | TopK = "all"
+    adapter: LoraSpec | None = Field(
+        None, description="train LoRA adapters + the head instead of every weight (needs trainable: all)"
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute the backbone's activations in the backward pass instead of keeping them: "
+        "less peak memory, about a third more compute, the same result (speed-only: not in the cache key)",
+    )
     group_by_length: bool = True
     compile: bool = Field(
         False,
@@ -74,3 +98,12 @@ class TrainSettings(Strict):
         description="train a pipeline's seeds as one batched model in one pass (hashed dropout masks, "
         "eager attention); opt-in: not yet measured to pay on a GPU, and slower on a CPU",
     )
+
+    @model_validator(mode="after")
+    def _adapter_trains_all(self) -> TrainSettings:
+        if self.adapter is not None and self.trainable != "all":
+            raise ValueError(
+                "adapter: LoRA trains the adapters and the head, so trainable must stay 'all' "
+                f"(got {self.trainable!r}); drop one of the two"
+            )
+        return self

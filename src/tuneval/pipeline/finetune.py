@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tuneval import accel, problems
 from tuneval.config.runs import RunSpec
 from tuneval.data.splits import open_split
-from tuneval.models import loading
+from tuneval.models import finetuned, loading
 from tuneval.pipeline import keys
 from tuneval.pipeline.stages import runtime, store_of
 from tuneval.pipeline.store import ArtifactRef, StageOutcome
@@ -71,7 +71,7 @@ def train_and_save(
 
     Under ``dist`` (one of several data-parallel processes) every rank trains; rank 0 alone
     evaluates and writes; the returned meta is rank 0's."""
-    from tuneval.training import hash_dropout
+    from tuneval.training import hash_dropout, recompute
     from tuneval.training.device import seed_everything
     from tuneval.training.distributed import SINGLE
     from tuneval.training.recovery import fit
@@ -84,7 +84,11 @@ def train_and_save(
     seed_everything(run.seed)
     tokenizer = loading.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
     levers = keys.levers(run, settings)
-    model = accel.apply(problem.build_model(run, tokenizer, info), levers)
+    model = problem.build_model(run, tokenizer, info)
+    targets = finetuned.prepare(model, run)  # LoRA adapters, when train.adapter says so
+    if run.train.gradient_checkpointing:
+        recompute.enable(model)
+    model = accel.apply(model, levers)
     hashed = keys.hashed_dropout(run)
     if hashed:
         hash_dropout.install(model, run.seed)
@@ -112,20 +116,31 @@ def train_and_save(
     )
     if not dist.is_main:
         return {}
-    meta = save_finetuned(problem, model, tokenizer, out, info, result, rt.device)
+    meta = save_finetuned(problem, model, tokenizer, out, info, result, rt.device, run)
+    if targets:
+        meta["adapter_layers"] = len(targets)
     if dist.active:
         meta["device"] = f"{rt.device.type} x{dist.world_size}"
     return {**meta, "devices": dist.world_size, **({"dropout_masks": "hash"} if hashed else {})}
 
 
 def save_finetuned(
-    problem: Any, model: Any, tokenizer: Any, out: Path, info: dict[str, Any], result: Any, device: Any
+    problem: Any,
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    info: dict[str, Any],
+    result: Any,
+    device: Any,
+    run: RunSpec | None = None,
 ) -> dict[str, Any]:
-    """Write a finetune artifact (model, curves) and return its metadata; solo and multi-seed alike."""
+    """Write a finetune artifact (model, curves) and return its metadata; solo and multi-seed alike.
+    With ``run.train.adapter`` the model folder holds the adapters and the head only."""
     from tuneval.training import hash_dropout
 
     hash_dropout.uninstall(model)  # plain nn.Dropout again: the saved model has no extra buffers
-    problem.save_model(model.cpu(), tokenizer, out / "model", info)
+    finetuned.save(problem, model.cpu(), tokenizer, out / "model", info, run)
+    model_bytes = sum(f.stat().st_size for f in (out / "model").rglob("*") if f.is_file())
     (out / "history.json").write_text(json.dumps(result.history))
     (out / "epochs.json").write_text(json.dumps(result.epochs))
     secs = max(result.train_seconds, 1e-9)
@@ -138,5 +153,7 @@ def save_finetuned(
         "samples_per_second": result.samples / secs,
         "real_tokens_per_second": result.real_tokens / secs,
         "trainable_parameters": result.trainable_parameters,
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "model_bytes": model_bytes,
         "info": info,
     }

@@ -46,6 +46,8 @@ def finetune_seeds(
     """
     if not runs:
         return {}, "no runs"
+    if runs[0].train.fuse_seeds and runs[0].train.adapter is not None:
+        return _fallback(runs, "LoRA adapters (train.adapter) are not stacked across seeds; fuse_seeds ignored")
     if not all(keys.hashed_dropout(r) for r in runs):
         return {}, "train.fuse_seeds is off"
     if any(_group_of(r) != _group_of(runs[0]) for r in runs):

@@ -20,7 +20,9 @@ ORDER = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 # ``compile`` and ``devices`` are not among them: with dropout on, compiled dropout and each rank
 # draw other masks, so the result is another sample of the recipe (equal within tolerance only
 # with dropout off: tests/test_training.py, tests/test_ddp.py).
-SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
+# ``gradient_checkpointing`` recomputes the same activations with the same RNG state (non-reentrant
+# checkpointing): the same result (tests/test_adapters.py).
+SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "gradient_checkpointing"}
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.
@@ -32,7 +34,7 @@ CODE_VERSION = {"load": 1, "prepare": 2, "intrinsic": 1, "finetune": 5, "predict
 def hashed_dropout(run: RunSpec) -> bool:
     """Whether this run draws dropout masks by hash (``training.hash_dropout``): when its seeds are
     trained as one multi-seed pass (``train.fuse_seeds``), so a solo run and a fused one agree."""
-    return bool(run.train.fuse_seeds)
+    return bool(run.train.fuse_seeds) and run.train.adapter is None  # adapters: solo (finetune_group)
 
 
 def levers(run: RunSpec, settings: Settings) -> accel.Levers:
@@ -52,6 +54,8 @@ def finetune_key(run: RunSpec, settings: Settings, prepared: ArtifactRef) -> tup
     # encoder_kernels enters as the forward it resolves to (accel.key_parts), "auto" meaning
     # another forward on another device.
     exclude = SPEED_ONLY | CAPS | {"fuse_seeds", "devices", "encoder_kernels"}
+    if run.train.adapter is None:  # runs without adapters keep the keys they had before the setting
+        exclude = exclude | {"adapter"}
     recipe = run.train.model_dump(mode="json", exclude=exclude)
     spec: dict[str, Any] = {
         "train": recipe,

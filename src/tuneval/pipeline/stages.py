@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from tuneval import accel, metrics, problems
 from tuneval.config.runs import RunSpec
 from tuneval.data.splits import materialise, open_split, source_identity
-from tuneval.models import loading
+from tuneval.models import finetuned, loading
 from tuneval.pipeline import keys
 from tuneval.pipeline.store import ArtifactRef, StageOutcome, Store, stage_key
 from tuneval.reporting import example_ci
@@ -150,7 +150,7 @@ def predict(
 
     def build(out: Path) -> dict[str, Any]:
         problem = problems.get(run.benchmark.problem)
-        model, tokenizer, info = problem.load_model(tuned.dir / "model")
+        model, tokenizer, info = finetuned.load(problem, tuned.dir / "model")
         model = accel.apply(model, keys.levers(run, settings))  # predict with the forward it trained with
         info = {**info, **options}
         rt = runtime(run, settings, tuned.meta()["precision"], progress)

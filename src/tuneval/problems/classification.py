@@ -102,6 +102,8 @@ def prepare_split(ds: Any, tokenizer: Any, bench: Any, info: dict[str, Any], spl
 class Classifier(nn.Module):
     """A pre-trained backbone with a fresh dropout + linear head over one pooled token."""
 
+    tuneval_fresh = ("classifier",)  # not pre-trained: trained whole under LoRA (models.adapters)
+
     def __init__(self, backbone: nn.Module, num_labels: int, pooling: str, dropout: float):
         super().__init__()
         self.backbone = backbone

@@ -102,6 +102,8 @@ def prepare_split(ds: Any, tokenizer: Any, bench: Any, info: dict[str, Any], spl
 class QAModel(nn.Module):
     """A transformers *ForQuestionAnswering model returning logits [batch, seq, 2] (start, end)."""
 
+    tuneval_fresh = ("qa_outputs",)  # the span head is new: trained whole under LoRA (models.adapters)
+
     def __init__(self, hf: nn.Module):
         super().__init__()
         self.hf = hf

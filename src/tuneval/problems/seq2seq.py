@@ -139,6 +139,8 @@ def build_model(run: Any, tokenizer: Any, info: dict[str, Any]) -> nn.Module:
     # prompts on the left itself. Stages read padding_side after build_model.
     tokenizer.padding_side = "right"
     model.tuneval_architecture = arch
+    # BERT2BERT's cross-attention is newly initialised: trained whole under LoRA (models.adapters).
+    model.tuneval_fresh = ("crossattention",) if arch == sm.ENCODER_ONLY else ()
     return model
 
 

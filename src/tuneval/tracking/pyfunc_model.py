@@ -56,7 +56,9 @@ class TunevalModel(mlflow.pyfunc.PythonModel):
         self.meta = meta
         self.problem = problems.get(meta["problem"])
         self.bench = TypeAdapter(BenchmarkSpec).validate_python(meta["benchmark"])
-        model, self.tokenizer, self.info = self.problem.load_model(Path(context.artifacts["model"]))
+        from tuneval.models import finetuned
+
+        model, self.tokenizer, self.info = finetuned.load(self.problem, Path(context.artifacts["model"]))
         device = resolve_device(meta.get("device", "auto"))
         levers = meta.get("levers", {}).get(device.type)
         self.model = accel.apply(model, accel.Levers(**levers) if levers else accel.MAINSTREAM)

@@ -102,7 +102,15 @@ class RunRecord:
                 rid,
                 {
                     k: meta[k]
-                    for k in ("train_seconds", "samples_per_second", "real_tokens_per_second", "trainable_parameters")
+                    for k in (
+                        "train_seconds",
+                        "samples_per_second",
+                        "real_tokens_per_second",
+                        "trainable_parameters",
+                        "total_parameters",  # artifacts made before these were recorded lack them
+                        "model_bytes",
+                    )
+                    if k in meta
                 },
             )
             t.set_tags(rid, {"tuneval.device": meta["device"], "tuneval.precision": meta["precision"]})

@@ -65,6 +65,23 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What training can change: every tensor of the state dict but the frozen parameters (under LoRA
+    or ``trainable: head``, nearly all of them), which a resumed run rebuilds from the pre-trained
+    model. Tied weights count under each of their names."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {n: v for n, v in model.state_dict().items() if n not in frozen}
+
+
+def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put ``trained_state`` back; anything else missing or left over is an error, not a silent skip."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    left = [n for n in missing if n not in frozen]
+    if unexpected or left:
+        raise RuntimeError(f"checkpoint does not fit the model: unexpected {unexpected[:3]}, missing {left[:3]}")
+
+
 def _files(work_dir: Path) -> list[Path]:
     return sorted(work_dir.glob("ckpt-*.pt")) if work_dir.exists() else []
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from tuneval.config.train import TrainSettings
 from tuneval.training.distributed import Dist
+from tuneval.training.checkpoints import load_trained_state, trained_state
 from tuneval.training.optim import apply_trainable, build_optimizer, clip_and_step
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -98,10 +99,10 @@ class Solo:
         clip_and_step(optimizer, scaler, self.model, max_norm)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.model.state_dict()
+        return trained_state(self.model)
 
     def load_state_dict(self, state: dict[str, Any]) -> Any:
-        return self.model.load_state_dict(state)
+        return load_trained_state(self.model, state)
 
     def finish(self) -> None:
         pass
