@@ -180,6 +180,33 @@ def test_two_gloo_processes_match_one_process(project: Path, model_dir: Path) ->
     _assert_same_training(a, b, model_dir)
 
 
+@pytest.mark.integration
+def test_two_gloo_processes_match_one_process_with_lora(project: Path, model_dir: Path) -> None:
+    """The same with LoRA adapters: DDP syncs only what trains (adapters, head); the saved adapters
+    and head of 2 x 4 rows equal those of 1 x 8 rows."""
+    from safetensors.torch import load_file
+
+    from tuneval.config.train import LoraSpec
+    from tuneval.models import finetuned
+    from tuneval.pipeline import finetune
+
+    one, two, prep, settings, other_cache = _runs(project, model_dir)
+    lora = LoraSpec(r=4, alpha=8, dropout=0.0)
+    one, two = (r.model_copy(update={"train": r.train.model_copy(update={"adapter": lora})}) for r in (one, two))
+    a = finetune.finetune(one, settings, prep, progress=False)
+    b = finetune.finetune(two, other_cache, prep, progress=False)
+    assert b.status == "ran" and b.ref.meta()["devices"] == 2
+    assert a.ref.meta()["trainable_parameters"] < a.ref.meta()["total_parameters"] / 3
+    curves = [json.loads((x.ref.dir / "history.json").read_text()) for x in (a, b)]
+    assert curves[0][-1]["loss"] < curves[0][0]["loss"]
+    got, want = (torch.tensor([h["loss"] for h in c]) for c in (curves[1], curves[0]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    want, got = (load_file(str(x.ref.dir / "model" / finetuned.TRAINED_FILE)) for x in (a, b))
+    assert want.keys() == got.keys() and any("lora_B" in n for n in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 FAILING_WORKER = """
 import json, os, sys, time
 from pathlib import Path

@@ -17,8 +17,17 @@ from tuneval.training.recovery import fit
 CPU = torch.device("cpu")
 
 
-def test_oom_halves_the_batch_and_keeps_the_effective_batch(model_dir: Path, tmp_path: Path, caplog) -> None:
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_oom_halves_the_batch_and_keeps_the_effective_batch(
+    model_dir: Path, tmp_path: Path, caplog, adapter: bool
+) -> None:
     ds, tok = _toy_dataset(model_dir)
+    model = _model(model_dir)
+    if adapter:
+        from tuneval.config.train import LoraSpec
+        from tuneval.models import adapters
+
+        adapters.attach(model, LoraSpec(r=2), adapters.resolve_targets(model, "auto", "x"))
     seen: list[int] = []
 
     def loss(model, batch):
@@ -30,8 +39,10 @@ def test_oom_halves_the_batch_and_keeps_the_effective_batch(model_dir: Path, tmp
 
     s = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-3, log_every_steps=1)
     with caplog.at_level(logging.WARNING):
-        result = fit(_model(model_dir), ds, s, 0, loss, None, tok.pad_token_id, "right", CPU, tmp_path / "w", False)
+        result = fit(model, ds, s, 0, loss, None, tok.pad_token_id, "right", CPU, tmp_path / "w", False)
     assert max(seen) == 4
+    if adapter:
+        assert result.trainable_parameters < sum(p.numel() for p in model.parameters()) / 2
     assert result.optimizer_steps == 2  # 32 rows / (4 x 4 accumulation) = the same 2 steps as batch 16
     assert any("out of memory; retrying with batch_size 4 x 4" in r.getMessage() for r in caplog.records)
 

@@ -132,12 +132,14 @@ def _cli(project: Path, cache: Path, out: Path) -> subprocess.Popen:
 
 
 @pytest.mark.integration
-def test_sigkill_mid_epoch_then_rerun_gives_identical_scores(project: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_sigkill_mid_epoch_then_rerun_gives_identical_scores(project: Path, tmp_path: Path, adapter: bool) -> None:
     import tiny
     from conftest import write_rows
 
     write_rows(project / "data" / "train.jsonl", tiny.sentiment_rows(400, 1))
-    (project / "pipelines.yaml").write_text(SLOW_PIPELINE)
+    recipe = "checkpoint_every_steps: 10, adapter: {r: 4, dropout: 0.1}}" if adapter else "checkpoint_every_steps: 10}"
+    (project / "pipelines.yaml").write_text(SLOW_PIPELINE.replace("checkpoint_every_steps: 10}", recipe))
 
     # Reference: uninterrupted, in its own cache.
     ref = _cli(project, tmp_path / "cache-ref", tmp_path / "ref.json")
@@ -150,6 +152,10 @@ def test_sigkill_mid_epoch_then_rerun_gives_identical_scores(project: Path, tmp_
         assert victim.poll() is None, "run ended before it could be killed: " + victim.stdout.read()
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
+    if adapter:  # checkpoints hold what trains (adapters, head), not the frozen backbone
+        ckpt_file = next(cache.glob("finetune/*.work/ckpt-*.pt"))
+        state = torch.load(ckpt_file, map_location="cpu", weights_only=False)["model"]
+        assert state and all("lora_" in n or n.startswith("classifier.") or "position" in n for n in state), list(state)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
     assert not list(cache.glob("finetune/*/manifest.json"))  # it really died mid-training
