@@ -111,6 +111,30 @@ def test_classification_model_is_logged_once_and_predicts_the_stored_labels(proj
     assert "model" not in {a.path for a in client.list_artifacts(rerun.info.run_id)}
 
 
+def test_an_adapter_model_stores_adapter_and_head_only_and_predicts_the_stored_labels(
+    project: Path, models_uri
+) -> None:
+    def lora(raw: dict) -> None:
+        raw["pipelines"]["smoke"]["models"] = ["tiny-gpt2"]
+        raw["pipelines"]["smoke"]["train"]["adapter"] = {"r": 4, "alpha": 8}
+
+    [result] = run_plain(project, lora)
+    client = client_of(project)
+    [model] = client.search_logged_models([client.get_experiment_by_name("smoke").experiment_id])
+    names = {p.name for p in model_files(project, "smoke")}
+    assert "trained.safetensors" in names and "model.safetensors" not in names  # no copy of the base
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.metrics["trainable_parameters"] < run.data.metrics["total_parameters"] / 2
+    assert run.data.metrics["model_bytes"] > 0
+    pyfunc = load_pyfunc(project, model.model_id)
+    assert pyfunc.unwrap_python_model().meta["base_model"]["source"] == "./models/gpt2"
+    rows = [json.loads(line) for line in (project / "data" / "test.jsonl").read_text().splitlines()]
+    got = pyfunc.predict(pd.DataFrame({"text": [r["text"] for r in rows]}))
+    stored = stored_predictions(project, "example_id", "prediction_name")
+    assert got == [stored[str(i)] for i in range(len(rows))]
+    assert len(set(got)) == 2
+
+
 def test_log_models_false_logs_no_model(project: Path) -> None:
     [result] = run_plain(project, lambda raw: raw.update(tracking={"log_models": False}))
     client = client_of(project)
