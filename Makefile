@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.tuneval-installed
 
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo test test-scale test-browser test-all lint ui clean
+.PHONY: install demo decoder-demo test test-scale test-browser test-all lint ui clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/tuneval run demo --json results.json
+
+# SmolLM2-135M (a real causal LM, from its GGUF file) with LoRA beside MiniLM: minutes on 2 cores.
+decoder-demo: $(STAMP)
+	$(OFFLINE) $(BIN)/tuneval run decoder-demo --json decoder-results.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -47,4 +51,4 @@ ui: $(STAMP)
 	$(BIN)/tuneval ui
 
 clean:
-	rm -rf .tuneval mlruns/mlflow.db mlruns/artifacts results.json
+	rm -rf .tuneval mlruns/mlflow.db mlruns/artifacts results.json decoder-results.json
