@@ -255,3 +255,21 @@ def test_auto_on_a_model_without_known_projections_names_the_layers_it_has() -> 
     with pytest.raises(ModelError, match="auto knows no projections.*Linear layers here: 0, 2"):
         adapters.resolve_targets(odd, "auto", "train.adapter.target_modules")
     assert adapters.resolve_targets(odd, ["2"], "x") == ["2"]
+
+
+def test_fuse_seeds_with_adapters_falls_back_to_solo_runs_and_says_so(lora_project: Path, caplog) -> None:
+    import logging
+
+    from tuneval.pipeline.finetune_group import finetune_seeds
+
+    raw = yaml.safe_load(PIPELINES)
+    raw["pipelines"]["lora"].update(models=["bert"], benchmarks=["toy"], seeds=[1, 2])
+    raw["pipelines"]["lora"]["train"]["fuse_seeds"] = True
+    (lora_project / "pipelines.yaml").write_text(yaml.safe_dump(raw))
+    runs = resolve_runs(load_config(lora_project / "pipelines.yaml"))
+    settings = Settings.from_env(lora_project, track=False)
+    assert not any(keys.hashed_dropout(r) for r in runs)  # solo runs draw torch's own masks
+    with caplog.at_level(logging.WARNING):
+        outcomes, reason = finetune_seeds(runs, settings, prepared=None)
+    assert outcomes == {} and "adapters" in reason
+    assert any("trained one at a time" in r.getMessage() and "adapter" in r.getMessage() for r in caplog.records)

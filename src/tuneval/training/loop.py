@@ -201,7 +201,7 @@ def run(
         r.history, r.epochs, r.train_seconds, r.kept_epoch = loop.history[j], loop.epochs[j], seconds, s.epochs
         r.optimizer_steps, r.samples, r.real_tokens = loop.step, loop.samples[j], loop.real_tokens[j]
         if loop.best_state[j] is not None:
-            ckpt.load_trained_state(model, loop.best_state[j])
+            ckpt.restore_snapshot(model, loop.best_state[j])
             r.kept_epoch = loop.best_epoch[j]
     return results
 
@@ -224,4 +224,4 @@ def _validate(
         score = metrics.get(s.best_metric)
         if s.checkpoint == "best" and score is not None and (loop.best_score[j] is None or score > loop.best_score[j]):
             loop.best_score[j], loop.best_epoch[j] = score, epoch
-            loop.best_state[j] = {n: v.detach().to("cpu", copy=True) for n, v in ckpt.trained_state(model).items()}
+            loop.best_state[j] = ckpt.snapshot(model)
