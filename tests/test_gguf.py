@@ -271,6 +271,7 @@ def test_gguf_package_missing_is_a_config_error(tiny_gguf, project: Path, monkey
 def test_smollm2_gguf_loads_pools_and_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
+    from tuneval.config.schema import ModelSpec
     from tuneval.problems import classification as clf
     from tuneval.problems import seq2seq_models as sm
 
@@ -301,7 +302,7 @@ def test_smollm2_gguf_loads_pools_and_scores(tmp_path: Path, monkeypatch: pytest
     assert perplexity(again) == ppl
     print(f"\nSmolLM2 GGUF: first load {first:.1f} s, cached load {later:.1f} s, perplexity {ppl:.2f}")
 
-    model = clf.new_classifier(src, type("M", (), {"pooling": "auto"})(), tok, 2, 0.0).eval()
+    model = clf.new_classifier(src, ModelSpec(source=folder, gguf_file=src.gguf_file), tok, 2, 0.0).eval()
     assert model.pooling == "last"
     short, long = "A fine film.", "A much longer sentence about a film that went on and on for hours."
     pooled = {}
