@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from tuneval.config.messages import dedupe, describe, format_problem, line_index, suggest
-from tuneval.config.paths import file_format, resolve_model_source, resolve_path
+from tuneval.config.paths import file_format, gguf_problem, resolve_model_source, resolve_path
 from tuneval.config.schema import Config, ModelSpec, PipelineSpec
 from tuneval.config.train import TrainSettings
 from tuneval.errors import ConfigError
@@ -187,11 +187,15 @@ def _check_paths(raw: dict[str, Any], root: Path) -> list[tuple[tuple[Any, ...],
     models = raw.get("models") if isinstance(raw.get("models"), dict) else {}
     for name, entry in models.items():
         try:
-            resolve_model_source(ModelSpec.model_validate(entry), root)
+            spec = ModelSpec.model_validate(entry)
+            resolved = resolve_model_source(spec, root)
         except ValidationError:
             continue
         except ValueError as e:
             out.append((("models", name, "source"), str(e)))
+            continue
+        if problem := gguf_problem(spec, resolved):
+            out.append((("models", name, "gguf_file"), problem))
     return out
 
 

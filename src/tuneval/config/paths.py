@@ -58,12 +58,38 @@ def resolve_model_source(model: ModelSpec, root: Path) -> str:
     if looks_local:
         if not local.is_dir():
             raise ValueError(f"model path {local} is not a folder; give a model folder, hub id or package:NAME")
-        if not (local / "config.json").is_file():
-            raise ValueError(f"{local} is not a model folder (no config.json); point source at a saved model")
+        if not (local / "config.json").is_file() and not model.gguf_file:
+            raise ValueError(
+                f"{local} is not a model folder (no config.json); point source at a saved model"
+                + (
+                    f", or name one of its GGUF files in gguf_file ({listing(local)})"
+                    if any(local.glob("*.gguf"))
+                    else ""
+                )
+            )
         return str(local)
     if src.count("/") > 1 or not src.strip():
         raise ValueError(f"'{src}' is neither an existing folder nor a hub id like 'org/name'")
     return src
+
+
+def gguf_problem(model: ModelSpec, resolved: str) -> str | None:
+    """What is wrong with ``gguf_file`` (``resolved``: the source as resolve_model_source gives it)."""
+    if not model.gguf_file:
+        return None
+    from tuneval.models.gguf import INSTALL_HINT, missing_packages
+
+    if missing := missing_packages():
+        return f"reading a GGUF file needs the {' and '.join(missing)} package; {INSTALL_HINT}"
+    folder = Path(resolved)
+    if folder.is_dir() and not (folder / model.gguf_file).is_file():
+        return f"no file {model.gguf_file} in {folder}; name one of its GGUF files ({listing(folder)})"
+    return None
+
+
+def listing(folder: Path) -> str:
+    names = sorted(p.name for p in folder.glob("*.gguf"))
+    return ", ".join(names) if names else "it holds no .gguf file"
 
 
 # ---------------------------------------------------------------- formatting

@@ -18,6 +18,7 @@ from tuneval.config.schema import ModelSpec
 from tuneval.config.tracking import TrackingSpec
 from tuneval.config.train import TrainSettings
 from tuneval.errors import ConfigError
+from tuneval.models.source import Source
 
 
 class RunSpec(BaseModel):
@@ -32,6 +33,11 @@ class RunSpec(BaseModel):
     seed: int
     train: TrainSettings
     tracking: TrackingSpec = TrackingSpec()  # what the MLflow record holds; in no cache key
+
+    @property
+    def source(self) -> Source:
+        """The pre-trained model, as every loader and fingerprint takes it."""
+        return Source(self.model_path, self.model.revision, self.model.trust_remote_code, self.model.gguf_file)
 
     @property
     def run_name(self) -> str:
@@ -65,9 +71,13 @@ def resolve_runs(loaded: LoadedConfig, names: list[str] | None = None) -> list[R
         for mname in pipe.models:
             model = cfg.models[mname]
             model_path = resolve_model_source(model, root)
-            if not os.path.isdir(model_path) and _offline() and not _in_hub_cache(model_path, model.revision):
+            if not os.path.isdir(model_path) and _offline() and not _in_hub_cache(model_path, model):
                 problems.append(
-                    f"{loaded.path.name}: models.{mname}.source: '{model.source}' is a hub id but the "
+                    f"{loaded.path.name}: models.{mname}.gguf_file: {model.gguf_file} of hub repo '{model.source}' "
+                    "is not in the hub cache and the hub is offline (HF_HUB_OFFLINE=1); give a local folder "
+                    "holding it or package:NAME"
+                    if model.gguf_file
+                    else f"{loaded.path.name}: models.{mname}.source: '{model.source}' is a hub id but the "
                     "hub is offline (HF_HUB_OFFLINE=1); give a local folder or package:NAME"
                 )
                 continue
@@ -75,7 +85,8 @@ def resolve_runs(loaded: LoadedConfig, names: list[str] | None = None) -> list[R
                 from tuneval.models import adapters  # imports torch: only for the runs that need it
 
                 where = f"{loaded.path.name}: pipelines.{pname} (model {mname})"
-                problems += adapters.check(model_path, model.revision, model.trust_remote_code, train, where)
+                source = Source(model_path, model.revision, model.trust_remote_code, model.gguf_file)
+                problems += adapters.check(source, train, where)
             for bname in pipe.benchmarks:
                 bench = _absolute_paths(cfg.benchmarks[bname], loaded)
                 if bench.data.hub and _offline():
@@ -103,10 +114,10 @@ def resolve_runs(loaded: LoadedConfig, names: list[str] | None = None) -> list[R
     return runs
 
 
-def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+def _in_hub_cache(repo_id: str, model: ModelSpec) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    found = try_to_load_from_cache(repo_id, model.gguf_file or "config.json", revision=model.revision)
     return isinstance(found, str)
 
 

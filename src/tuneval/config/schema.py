@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import Field, SerializerFunctionWrapHandler, StringConstraints, field_validator, model_serializer
 
 from tuneval.config.base import Name, Strict
 from tuneval.config.benchmarks import BenchmarkSpec
@@ -22,6 +22,19 @@ class ModelSpec(Strict):
     pooling: Literal["auto", "first", "last"] = Field(
         "auto", description="auto: first token for encoders, last real token for causal LMs"
     )
+    gguf_file: str | None = Field(
+        None,
+        description="a GGUF checkpoint: file name inside the source folder / hub repo (de-quantised; "
+        "needs pip install 'tuneval[gguf]')",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_gguf(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # Left out when unset, so that the cache keys of every non-GGUF model stay what they were.
+        data = handler(self)
+        if self.gguf_file is None:
+            data.pop("gguf_file", None)
+        return data
 
 
 class Schedule(Strict):

@@ -141,20 +141,24 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def check(source: str, revision: str | None, trust_remote_code: bool, train: Any, where: str) -> list[str]:
+def check(source: Any, train: Any, where: str) -> list[str]:
     """Before any weight is loaded: do the adapter's layers exist, does the model checkpoint its
-    activations? Checked on the backbone built from its config on the meta device (no weights)."""
+    activations? Checked on the backbone built from its config on the meta device (no weights).
+    ``source``: a ``models.source.Source``; a GGUF file's config is read from its header."""
     import torch
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     from tuneval.models import loading
 
     if train.adapter is None and not train.gradient_checkpointing:
         return []
     try:
-        config = loading.load_config(source, revision, trust_remote_code)
+        if source.gguf_file:  # the header alone: de-quantising the weights waits for the first stage
+            config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        else:
+            config = loading.load_config(source)
         with torch.device("meta"):
-            skeleton = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+            skeleton = AutoModel.from_config(config, trust_remote_code=source.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - reported by the stage that loads it, with its own message
         return [f"{where}: cannot check train.adapter / gradient_checkpointing on {source}: {str(e).splitlines()[0]}"]
     problems = []

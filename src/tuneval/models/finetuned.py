@@ -66,7 +66,12 @@ def save(problem: Any, model: nn.Module, tokenizer: Any, folder: Path, info: dic
         "problem": problem.NAME,
         "run": run.model_dump(mode="json"),
         "targets": list(getattr(model, "tuneval_adapter_targets", [])),
-        "base": {"source": run.model.source, "path": run.model_path, "fingerprint": base_fingerprint(run)},
+        "base": {
+            "source": run.model.source,
+            "path": run.model_path,
+            "gguf_file": run.model.gguf_file,
+            "fingerprint": base_fingerprint(run),
+        },
         "trainable_parameters": trainable,
         "total_parameters": total,
         "info": info,
@@ -75,7 +80,7 @@ def save(problem: Any, model: nn.Module, tokenizer: Any, folder: Path, info: dic
 
 
 def base_fingerprint(run: Any) -> str:
-    return loading.files_fingerprint(run.model_path, run.model.revision)
+    return loading.files_fingerprint(run.source)
 
 
 def load(problem: Any, folder: Path) -> tuple[nn.Module, Any, dict[str, Any]]:

@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from tuneval.errors import ModelError
+from tuneval.models import gguf
+from tuneval.models.source import Source, as_source
 from tuneval.pipeline.store import hash_files
 
 log = logging.getLogger(__name__)
+
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -37,20 +40,40 @@ def local_folder(source: str, revision: str | None = None) -> Path | None:
         return None
 
 
-def files_fingerprint(source: str, revision: str | None, names: tuple[str, ...] | None = None) -> str:
-    """Content hash of a model's files (``names`` only, when given); hub id + revision if not local."""
-    folder = local_folder(source, revision)
+def files_fingerprint(source: Source | str, revision: str | None = None, names: tuple[str, ...] | None = None) -> str:
+    """Content hash of a model's files (``names`` only, when given); hub id + revision if not local.
+
+    A GGUF source's fingerprint is its file's content, for the model and its tokenizer alike."""
+    src = as_source(source, revision)
+    if src.gguf_file:
+        return gguf.fingerprint(src)
+    folder = local_folder(src.path, src.revision)
     if folder is None:
-        return f"hub:{source}@{revision or 'main'}"
+        return f"hub:{src.path}@{src.revision or 'main'}"
     files = [p for p in folder.iterdir() if p.is_file() and (names is None or p.name in names)]
     return hash_files(files, folder)
 
 
-def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+def source_of(run: Any) -> Source:
+    """The run's pre-trained model: ``RunSpec.source``, or built from a stand-in run's fields."""
+    if isinstance(getattr(run, "source", None), Source):
+        return run.source
+    m = run.model
+    return Source(run.model_path, m.revision, m.trust_remote_code, getattr(m, "gguf_file", None))
+
+
+def plain(source: Source | str, revision: str | None = None, trust_remote_code: bool = False) -> Source:
+    """A source every ``from_pretrained`` reads as is: a GGUF becomes its de-quantised folder."""
+    src = as_source(source, revision, trust_remote_code)
+    return Source(str(gguf.dequantised(src))) if src.gguf_file else src
+
+
+def load_tokenizer(source: Source | str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """Load a tokenizer; give it a pad token when it has none (causal LMs often lack one)."""
     from transformers import AutoTokenizer
 
-    folder = Path(source)
+    src = plain(source, revision, trust_remote_code)
+    folder = Path(src.path)
     vocab_files = set(TOKENIZER_FILES) - {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}
     if folder.is_dir() and not any((folder / f).is_file() for f in vocab_files):
         # transformers 5 would build an empty vocabulary here and map every word to [UNK].
@@ -59,7 +82,7 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
             "next to the model (tokenizer.save_pretrained)"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src.path, revision=src.revision, trust_remote_code=src.trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise ModelError(
             f"{source}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -75,11 +98,12 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
     return tok
 
 
-def load_config(source: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+def load_config(source: Source | str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
+    src = plain(source, revision, trust_remote_code)
     try:
-        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(src.path, revision=src.revision, trust_remote_code=src.trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise ModelError(
             f"{source}: not a loadable model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -87,13 +111,14 @@ def load_config(source: str, revision: str | None = None, trust_remote_code: boo
         ) from None
 
 
-def load_backbone(source: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+def load_backbone(source: Source | str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The bare pre-trained transformer (no task head), in fp32."""
     from transformers import AutoModel
 
+    src = plain(source, revision, trust_remote_code)
     try:
         return AutoModel.from_pretrained(
-            source, revision=revision, trust_remote_code=trust_remote_code, dtype="float32"
+            src.path, revision=src.revision, trust_remote_code=src.trust_remote_code, dtype="float32"
         )
     except Exception as e:  # noqa: BLE001
         raise ModelError(

@@ -82,7 +82,7 @@ def train_and_save(
     info = prep_meta["info"]
     rt = runtime(run, settings, run.train.precision, progress=False)  # a worker's settings name its own device
     seed_everything(run.seed)
-    tokenizer = loading.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
+    tokenizer = loading.load_tokenizer(run.source)
     levers = keys.levers(run, settings)
     model = problem.build_model(run, tokenizer, info)
     targets = finetuned.prepare(model, run)  # LoRA adapters, when train.adapter says so

@@ -107,7 +107,7 @@ def _train_and_commit(
     device = resolve_device(settings.device)
     precision = resolve_precision(first.train.precision, device)
     info = prepared.meta()["info"]
-    tokenizer = loading.load_tokenizer(first.model_path, first.model.revision, first.model.trust_remote_code)
+    tokenizer = loading.load_tokenizer(first.source)
     built = []
     for r in runs:
         seed_everything(r.seed)  # the head's initialisation: as the solo stage draws it

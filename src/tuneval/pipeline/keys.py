@@ -45,7 +45,7 @@ def levers(run: RunSpec, settings: Settings) -> accel.Levers:
 
 
 def model_fingerprint(run: RunSpec) -> str:
-    return loading.files_fingerprint(run.model_path, run.model.revision)
+    return loading.files_fingerprint(run.source)
 
 
 def finetune_key(run: RunSpec, settings: Settings, prepared: ArtifactRef) -> tuple[str, dict[str, Any]]:

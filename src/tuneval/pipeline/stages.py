@@ -51,7 +51,7 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
     }
     upstream = {
         "load": loaded.fingerprint,
-        "tokenizer": loading.files_fingerprint(run.model_path, run.model.revision, loading.TOKENIZER_FILES),
+        "tokenizer": loading.files_fingerprint(run.source, None, loading.TOKENIZER_FILES),
     }
     key, parts = stage_key("prepare", keys.CODE_VERSION["prepare"], spec, upstream)
 
@@ -60,7 +60,7 @@ def prepare(run: RunSpec, settings: Settings, loaded: ArtifactRef, force: bool =
         split_meta = loaded.meta()["splits"]
         splits = {s: open_split(loaded.path, s) for s in split_meta}
         info = problem.check_data(splits, run.benchmark, {s: m["source"] for s, m in split_meta.items()})
-        tokenizer = loading.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
+        tokenizer = loading.load_tokenizer(run.source)
         summary = {}
         for split, ds in splits.items():
             cap = caps.get(split)
@@ -106,7 +106,7 @@ def intrinsic(
         info = prepared.meta()["info"]
         rt = runtime(run, settings, run.train.precision, progress)
         seed_everything(0)  # newly initialised weights (BERT2BERT cross-attention) are fixed
-        tokenizer = loading.load_tokenizer(run.model_path, run.model.revision, run.model.trust_remote_code)
+        tokenizer = loading.load_tokenizer(run.source)
         model = problem.build_model(run, tokenizer, info)
         results = problem.intrinsic(model, tokenizer, open_split(prepared.path, "test"), info, rt)
         (out / "metrics.json").write_text(json.dumps(results, indent=1))

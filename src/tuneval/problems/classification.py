@@ -147,11 +147,11 @@ def resolve_pooling(requested: str, config: Any) -> str:
 
 
 def build_model(run: Any, tokenizer: Any, info: dict[str, Any]) -> Classifier:
-    return new_classifier(run.model_path, run.model, tokenizer, len(info["label_names"]), run.train.dropout)
+    return new_classifier(loading.source_of(run), run.model, tokenizer, len(info["label_names"]), run.train.dropout)
 
 
 def new_classifier(
-    model_path: str,
+    model_path: loading.Source | str,
     model_spec: Any,
     tokenizer: Any,
     num_labels: int,

@@ -42,7 +42,7 @@ def architecture(config: Any) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def architecture_of(source: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+def architecture_of(source: loading.Source | str, revision: str | None = None, trust_remote_code: bool = False) -> str:
     return architecture(loading.load_config(source, revision, trust_remote_code))
 
 
@@ -96,10 +96,14 @@ def _resize(model: nn.Module, tokenizer: Any) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
-def build(source: str, revision: str | None, trust_remote_code: bool, tokenizer: Any) -> tuple[nn.Module, str]:
+def build(
+    source: loading.Source | str, revision: str | None, trust_remote_code: bool, tokenizer: Any
+) -> tuple[nn.Module, str]:
     """The pre-trained starting point for seq2seq fine-tuning, and its architecture."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, EncoderDecoderModel
 
+    src = loading.plain(source, revision, trust_remote_code)  # a GGUF: its de-quantised folder
+    source, revision, trust_remote_code = src.path, src.revision, src.trust_remote_code
     arch = architecture_of(source, revision, trust_remote_code)
     ensure_special_tokens(tokenizer, arch, source)
     kw = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": "float32"}

@@ -58,8 +58,7 @@ def model_meta(run: RunSpec, settings: Settings, tuned: StageOutcome) -> dict[st
             "source": run.model.source,
             "revision": run.model.revision,
             "path": run.model_path,
-            "fingerprint": tuned.key_parts.get("upstream", {}).get("model")
-            or loading.files_fingerprint(run.model_path, run.model.revision),
+            "fingerprint": tuned.key_parts.get("upstream", {}).get("model") or loading.files_fingerprint(run.source),
         },
     }
 
