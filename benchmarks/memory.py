@@ -122,7 +122,8 @@ def main() -> None:
         if line is None:
             sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(line[7:]))
-    print(f"model {args.model} {args.gguf_file or ''}, batch {args.batch_size} x {args.max_length} tokens, {args.rows} rows")
+    shape = f"batch {args.batch_size} x {args.max_length} tokens, {args.rows} rows"
+    print(f"model {args.model} {args.gguf_file or ''}, {shape}")
     print("| variant | trainable / total params | memory added by training (MiB) | s/step | first loss | last loss |")
     print("|---|---|---|---|---|---|")
     for r in results:

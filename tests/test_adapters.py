@@ -234,9 +234,9 @@ def test_bad_adapter_settings_are_one_line_errors(lora_project: Path, capsys) ->
         "unknown layer": ({"adapter": {"target_modules": ["q_projj"]}}, "'q_projj' matches no Linear layer"),
         "head only": ({"adapter": {"r": 4}, "trainable": "head"}, "trainable must stay 'all'"),
     }
-    for name, (train, expected) in cases.items():
+    for name, (recipe, expected) in cases.items():
         raw = yaml.safe_load(PIPELINES)
-        raw["pipelines"]["lora"]["train"].update(train)
+        raw["pipelines"]["lora"]["train"].update(recipe)
         (lora_project / "pipelines.yaml").write_text(yaml.safe_dump(raw))
         code = main(["run", "--config", str(lora_project / "pipelines.yaml"), "--no-track"])
         err = capsys.readouterr().err.strip().splitlines()

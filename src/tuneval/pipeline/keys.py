@@ -22,7 +22,13 @@ ORDER = ("load", "prepare", "intrinsic", "finetune", "predict", "score")
 # with dropout off: tests/test_training.py, tests/test_ddp.py).
 # ``gradient_checkpointing`` recomputes the same activations with the same RNG state (non-reentrant
 # checkpointing): the same result (tests/test_adapters.py).
-SPEED_ONLY = {"eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "gradient_checkpointing"}
+SPEED_ONLY = {
+    "eval_batch_size",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "gradient_checkpointing",
+}
 CAPS = {"max_train_samples", "max_eval_samples", "max_test_samples", "data_seed"}
 # Bump a stage's number when its behaviour changes: Prefect's TASK_SOURCE sees only the thin
 # task wrapper, never this code, so the version is explicit.

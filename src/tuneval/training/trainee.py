@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from tuneval.config.train import TrainSettings
-from tuneval.training.distributed import Dist
 from tuneval.training.checkpoints import load_trained_state, trained_state
+from tuneval.training.distributed import Dist
 from tuneval.training.optim import apply_trainable, build_optimizer, clip_and_step
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
