@@ -273,3 +273,25 @@ def test_fuse_seeds_with_adapters_falls_back_to_solo_runs_and_says_so(lora_proje
         outcomes, reason = finetune_seeds(runs, settings, prepared=None)
     assert outcomes == {} and "adapters" in reason
     assert any("trained one at a time" in r.getMessage() and "adapter" in r.getMessage() for r in caplog.records)
+
+
+def test_checkpoint_best_puts_back_the_best_epochs_adapters(lora_project: Path) -> None:
+    settings = Settings.from_env(lora_project, track=False)
+    run = _runs(lora_project)[("gpt2", "toy")]
+    problem, m, tok, _, prepared, _ = _built(run, settings)
+    base = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def evaluate(model) -> dict[str, float]:
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return {"accuracy": [0.5, 0.9, 0.7][len(seen) - 1]}  # the second epoch is the best
+
+    s = TrainSettings(epochs=3, batch_size=8, learning_rate=1e-2, checkpoint="best", best_metric="accuracy")
+    ds = open_split(prepared.path, "train").select_columns(["input_ids", "attention_mask", "labels"])
+    cpu = torch.device("cpu")
+    result = train(m, ds, s, 1, problem.loss_fn, evaluate, tok.pad_token_id, tok.padding_side, cpu, None, False)
+    assert result.kept_epoch == 2
+    final = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(seen[2][n], seen[1][n]) for n in final)  # epoch 3 did move the adapters
+    assert all(torch.equal(final[n], seen[1][n]) for n in final)
+    assert all(torch.equal(p, base[n]) for n, p in m.named_parameters() if n in base)  # the base untouched
