@@ -149,3 +149,33 @@ def test_ddp_over_nccl_matches_one_process(project: Path, model_dir: Path, devic
     b = finetune.finetune(two, other_cache, prep, progress=False)
     assert b.status == "ran" and b.ref.meta()["device"].startswith("cuda x2")
     _assert_same_training(a, b, model_dir)
+
+
+def _lora_model(model_dir: Path, device: torch.device, checkpointing: bool) -> torch.nn.Module:
+    from tuneval.config.train import LoraSpec
+    from tuneval.models import adapters
+    from tuneval.training import recompute
+
+    model = _model(model_dir)
+    adapters.attach(model, LoraSpec(r=4, dropout=0.0), adapters.resolve_targets(model, "auto", "x"))
+    if checkpointing:
+        recompute.enable(model)
+    return model.to(device)
+
+
+def test_lora_with_checkpointing_under_bf16_trains_like_without(model_dir: Path, device: torch.device) -> None:
+    """LoRA + bf16 autocast + gradient checkpointing on the device: the same curve as without
+    checkpointing (recomputation replays the forward). Its memory is measured by benchmarks/memory.py
+    (in gpu.sh), not asserted: on the tiny model the weights, not the activations, set the peak."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this card has no bf16")
+    ds, tok = _toy_dataset(model_dir)
+    s = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-2, log_every_steps=1, precision="bf16")
+    curves = []
+    for checkpointing in (False, True):
+        model = _lora_model(model_dir, device, checkpointing)
+        result = train(model, ds, s, 3, clf.loss_fn, None, tok.pad_token_id, "right", device, None, False)
+        curves.append([h["loss"] for h in result.history])
+        assert result.trainable_parameters < sum(p.numel() for p in model.parameters()) / 2
+    assert len(curves[0]) >= 2 and all(math.isfinite(x) for x in curves[0])
+    assert curves[0] == pytest.approx(curves[1], abs=1e-3)  # bf16 rounding of one recomputed forward
