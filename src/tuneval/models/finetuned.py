@@ -83,6 +83,19 @@ def base_fingerprint(run: Any) -> str:
     return loading.files_fingerprint(run.source)
 
 
+def _on_this_machine(run: Any) -> Any:
+    """A ``package:`` base lives wherever this machine installed the package (another venv, another
+    host loading the MLflow model): find it again rather than trust the path recorded at training."""
+    from tuneval.config.paths import PACKAGE_PREFIX, resolve_model_source
+
+    if Path(run.model_path).exists() or not run.model.source.startswith(PACKAGE_PREFIX):
+        return run
+    try:
+        return run.model_copy(update={"model_path": resolve_model_source(run.model, Path.cwd())})
+    except ValueError as e:
+        raise ModelError(f"the adapter's base model {run.model.source}: {e}") from None
+
+
 def load(problem: Any, folder: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer, info) of a finetune artifact's ``model/`` folder, adapters or not."""
     if not has_adapter(folder):
@@ -94,7 +107,7 @@ def load(problem: Any, folder: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     from tuneval.training.device import seed_everything
 
     meta = json.loads((folder / ADAPTER_CONFIG).read_text())
-    run = RunSpec.model_validate(meta["run"])
+    run = _on_this_machine(RunSpec.model_validate(meta["run"]))
     if base_fingerprint(run) != meta["base"]["fingerprint"]:
         raise ModelError(
             f"{folder}: its adapter was trained on {meta['base']['source']} ({meta['base']['path']}) with "
