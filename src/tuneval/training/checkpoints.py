@@ -82,20 +82,8 @@ def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
         raise RuntimeError(f"checkpoint does not fit the model: unexpected {unexpected[:3]}, missing {left[:3]}")
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the weights kept for the best epoch (``checkpoint: best``). With adapters only
-    what trains: the frozen base stays the base. Otherwise the whole state: the seeds of a multi-seed
-    pass train through stacked tensors while their own parameters look frozen."""
-    adapted = bool(getattr(model, "tuneval_adapter_targets", None))
-    state = trained_state(model) if adapted else model.state_dict()
+def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: v.detach().to("cpu", copy=True) for n, v in state.items()}
-
-
-def restore_snapshot(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    if getattr(model, "tuneval_adapter_targets", None):
-        load_trained_state(model, state)
-    else:
-        model.load_state_dict(state)
 
 
 def _files(work_dir: Path) -> list[Path]:

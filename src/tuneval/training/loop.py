@@ -197,11 +197,11 @@ def run(
     bar.close()
     seconds = time.perf_counter() - start
     trainee.finish()
-    for j, (model, r) in enumerate(zip(trainee.models, results, strict=True)):
+    for j, r in enumerate(results):
         r.history, r.epochs, r.train_seconds, r.kept_epoch = loop.history[j], loop.epochs[j], seconds, s.epochs
         r.optimizer_steps, r.samples, r.real_tokens = loop.step, loop.samples[j], loop.real_tokens[j]
         if loop.best_state[j] is not None:
-            ckpt.restore_snapshot(model, loop.best_state[j])
+            trainee.restore(j, loop.best_state[j])
             r.kept_epoch = loop.best_epoch[j]
     return results
 
@@ -224,4 +224,4 @@ def _validate(
         score = metrics.get(s.best_metric)
         if s.checkpoint == "best" and score is not None and (loop.best_score[j] is None or score > loop.best_score[j]):
             loop.best_score[j], loop.best_epoch[j] = score, epoch
-            loop.best_state[j] = ckpt.snapshot(model)
+            loop.best_state[j] = trainee.snapshot(j)

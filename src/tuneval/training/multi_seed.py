@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from tuneval.config.train import TrainSettings
 from tuneval.training import hash_dropout
+from tuneval.training.checkpoints import cpu_copy
 from tuneval.training.loop import TrainResult, run
 from tuneval.training.optim import adamw, apply_trainable, decays
 
@@ -165,6 +166,13 @@ class Stacked:
             self.stacked[name].copy_(t)
         for name, t in state["buffers"].items():
             self.buffers[name].copy_(t)
+
+    def snapshot(self, j: int) -> dict[str, torch.Tensor]:
+        # The whole state: a seed's parameters are views of the stacks and look frozen.
+        return cpu_copy(self.models[j].state_dict())
+
+    def restore(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        self.models[j].load_state_dict(state)
 
     def finish(self) -> None:
         for m in self.models:

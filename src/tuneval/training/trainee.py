@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from tuneval.config.train import TrainSettings
-from tuneval.training.checkpoints import load_trained_state, trained_state
+from tuneval.training.checkpoints import cpu_copy, load_trained_state, trained_state
 from tuneval.training.distributed import Dist
 from tuneval.training.optim import apply_trainable, build_optimizer, clip_and_step
 
@@ -53,6 +53,12 @@ class Trainee(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+    def snapshot(self, j: int) -> dict[str, torch.Tensor]:
+        """A CPU copy of seed ``j``'s weights, kept for its best epoch (``checkpoint: best``)."""
+
+    def restore(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        """Put a ``snapshot`` back into seed ``j``'s model (after ``finish``)."""
 
     def finish(self) -> None:
         """After the last step, before the best epoch's weights are put back."""
@@ -103,6 +109,12 @@ class Solo:
 
     def load_state_dict(self, state: dict[str, Any]) -> Any:
         return load_trained_state(self.model, state)
+
+    def snapshot(self, j: int) -> dict[str, torch.Tensor]:
+        return cpu_copy(trained_state(self.model))  # under LoRA: the adapters and head, not the base
+
+    def restore(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        load_trained_state(self.model, state)
 
     def finish(self) -> None:
         pass
