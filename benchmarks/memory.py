@@ -53,8 +53,7 @@ def child(args: argparse.Namespace, variant: str) -> dict:
     extra = VARIANTS[variant]
     spec = ModelSpec(source=args.model, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
     path = resolve_model_source(spec, ROOT)
-    source = getattr(loading, "Source", None)
-    src = source(path, None, False, args.gguf_file) if source and args.gguf_file else path
+    src = loading.Source.of(path, spec)
     tok = loading.load_tokenizer(src)
     torch.manual_seed(0)
     model = clf.new_classifier(src, spec, tok, 2, dropout=0.1)

@@ -138,7 +138,7 @@ def test_weights_and_logits_equal_the_original(tiny_gguf, cache: SimpleNamespace
         assert torch.equal(got[k], want[k]), k  # F32 in the file: exact
 
     # The causal LM (seq2seq decoder-only, perplexity) reads the same folder, LM head tied.
-    lm, arch = sm.build(src, None, False, loading.load_tokenizer(src))
+    lm, arch = sm.build(src, loading.load_tokenizer(src))
     assert arch == sm.DECODER_ONLY
     ids = tok(SENTENCES[1], return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -284,7 +284,7 @@ def test_smollm2_gguf_loads_pools_and_scores(tmp_path: Path, monkeypatch: pytest
 
     start = time.perf_counter()
     tok = loading.load_tokenizer(src)
-    lm, arch = sm.build(src, None, False, tok)
+    lm, arch = sm.build(src, tok)
     first = time.perf_counter() - start
     assert arch == sm.DECODER_ONLY and loading.is_causal_lm(lm.config)
     assert abs(sum(p.numel() for p in lm.parameters()) / 1e6 - 134.5) < 0.1
@@ -296,7 +296,7 @@ def test_smollm2_gguf_loads_pools_and_scores(tmp_path: Path, monkeypatch: pytest
 
     ppl = perplexity(lm)
     start = time.perf_counter()
-    again, _ = sm.build(src, None, False, loading.load_tokenizer(src))
+    again, _ = sm.build(src, loading.load_tokenizer(src))
     later = time.perf_counter() - start
     assert torch.isfinite(torch.tensor(ppl)) and 1 < ppl < 1e4
     assert perplexity(again) == ppl

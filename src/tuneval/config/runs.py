@@ -37,7 +37,7 @@ class RunSpec(BaseModel):
     @property
     def source(self) -> Source:
         """The pre-trained model, as every loader and fingerprint takes it."""
-        return Source(self.model_path, self.model.revision, self.model.trust_remote_code, self.model.gguf_file)
+        return Source.of(self.model_path, self.model)
 
     @property
     def run_name(self) -> str:
@@ -85,8 +85,7 @@ def resolve_runs(loaded: LoadedConfig, names: list[str] | None = None) -> list[R
                 from tuneval.models import adapters  # imports torch: only for the runs that need it
 
                 where = f"{loaded.path.name}: pipelines.{pname} (model {mname})"
-                source = Source(model_path, model.revision, model.trust_remote_code, model.gguf_file)
-                problems += adapters.check(source, train, where)
+                problems += adapters.check(Source.of(model_path, model), train, where)
             for bname in pipe.benchmarks:
                 bench = _absolute_paths(cfg.benchmarks[bname], loaded)
                 if bench.data.hub and _offline():

@@ -55,13 +55,10 @@ def save(problem: Any, model: nn.Module, tokenizer: Any, folder: Path, info: dic
         return
     from safetensors.torch import save_file
 
-    from tuneval.models import adapters
-
     folder.mkdir(parents=True, exist_ok=True)
     trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trained, str(folder / TRAINED_FILE))
     tokenizer.save_pretrained(folder)
-    trainable, total = adapters.parameter_counts(model)
     meta = {
         "problem": problem.NAME,
         "run": run.model_dump(mode="json"),
@@ -72,8 +69,6 @@ def save(problem: Any, model: nn.Module, tokenizer: Any, folder: Path, info: dic
             "gguf_file": run.model.gguf_file,
             "fingerprint": base_fingerprint(run),
         },
-        "trainable_parameters": trainable,
-        "total_parameters": total,
         "info": info,
     }
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1))

@@ -56,10 +56,7 @@ def files_fingerprint(source: Source | str, revision: str | None = None, names: 
 
 def source_of(run: Any) -> Source:
     """The run's pre-trained model: ``RunSpec.source``, or built from a stand-in run's fields."""
-    if isinstance(getattr(run, "source", None), Source):
-        return run.source
-    m = run.model
-    return Source(run.model_path, m.revision, m.trust_remote_code, getattr(m, "gguf_file", None))
+    return run.source if isinstance(getattr(run, "source", None), Source) else Source.of(run.model_path, run.model)
 
 
 def plain(source: Source | str, revision: str | None = None, trust_remote_code: bool = False) -> Source:

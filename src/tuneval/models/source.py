@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -13,6 +14,11 @@ class Source:
     revision: str | None = None
     trust_remote_code: bool = False
     gguf_file: str | None = None  # a file name inside the folder / hub repo
+
+    @classmethod
+    def of(cls, path: str, model: Any) -> Source:
+        """The source of ``models.<name>`` (a ModelSpec, or a stand-in with its fields) resolved to ``path``."""
+        return cls(path, model.revision, model.trust_remote_code, getattr(model, "gguf_file", None))
 
     def __str__(self) -> str:
         return f"{self.path} (gguf_file {self.gguf_file})" if self.gguf_file else self.path

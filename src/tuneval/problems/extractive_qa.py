@@ -126,14 +126,13 @@ class QAModel(nn.Module):
         return torch.stack([out.start_logits, out.end_logits], dim=-1)
 
 
-def _load_hf(source: loading.Source | str, revision: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+def _load_hf(source: loading.Source | str) -> nn.Module:
     from transformers import AutoModelForQuestionAnswering
 
-    src = loading.plain(source, revision, trust_remote_code)  # a GGUF: its de-quantised folder
-    source, revision, trust_remote_code = src.path, src.revision, src.trust_remote_code
+    src = loading.plain(source)  # a GGUF: its de-quantised folder
     try:
         return AutoModelForQuestionAnswering.from_pretrained(
-            source, revision=revision, trust_remote_code=trust_remote_code, dtype="float32"
+            src.path, revision=src.revision, trust_remote_code=src.trust_remote_code, dtype="float32"
         )
     except Exception as e:  # noqa: BLE001 - unknown architecture or missing weights alike
         raise ModelError(
@@ -143,7 +142,7 @@ def _load_hf(source: loading.Source | str, revision: str | None = None, trust_re
 
 
 def build_model(run: Any, tokenizer: Any, info: dict[str, Any]) -> QAModel:
-    hf = _load_hf(loading.source_of(run), run.model.revision, run.model.trust_remote_code)
+    hf = _load_hf(loading.source_of(run))
     if len(tokenizer) > hf.get_input_embeddings().num_embeddings:
         hf.resize_token_embeddings(len(tokenizer))
     hf.config.pad_token_id = tokenizer.pad_token_id

@@ -120,8 +120,7 @@ def _batch_values(batch: dict[str, list[Any]], name: str) -> list[Any]:
 
 
 def build_model(run: Any, tokenizer: Any, info: dict[str, Any]) -> nn.Module:
-    m = run.model
-    model, arch = sm.build(loading.source_of(run), m.revision, m.trust_remote_code, tokenizer)
+    model, arch = sm.build(loading.source_of(run), tokenizer)
     model_type = getattr(model.config, "model_type", "")
     if arch == sm.ENCODER_ONLY:
         model_type = model.config.encoder.model_type

@@ -96,13 +96,11 @@ def _resize(model: nn.Module, tokenizer: Any) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
-def build(
-    source: loading.Source | str, revision: str | None, trust_remote_code: bool, tokenizer: Any
-) -> tuple[nn.Module, str]:
+def build(source: loading.Source | str, tokenizer: Any) -> tuple[nn.Module, str]:
     """The pre-trained starting point for seq2seq fine-tuning, and its architecture."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, EncoderDecoderModel
 
-    src = loading.plain(source, revision, trust_remote_code)  # a GGUF: its de-quantised folder
+    src = loading.plain(source)  # a GGUF: its de-quantised folder
     source, revision, trust_remote_code = src.path, src.revision, src.trust_remote_code
     arch = architecture_of(source, revision, trust_remote_code)
     ensure_special_tokens(tokenizer, arch, source)
