@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneval.errors import TunevalError
+from tuneval.processes import alive
 
 QUERY_SECONDS = "1"  # how often a local worker asks for runs (Prefect's default, 10 s, idles a group's start)
 
@@ -151,25 +152,17 @@ def stop_trees(procs: list[subprocess.Popen[bytes]], grace: float = 15) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
             for proc in procs:
                 proc.poll()  # reap our own children so they do not count as alive
             time.sleep(0.05)
-        if not any(_alive(p) for p in pids):
+        if not any(alive(p) for p in pids):
             break
     for proc in procs:
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def ensure_pool(pool: str) -> bool:

@@ -18,6 +18,7 @@ from tuneval.flows.local_server import LocalServer, free_port, start_server
 from tuneval.flows.workers import descendants, ensure_pool, stop_trees
 
 from tuneval import postgres
+from tuneval.processes import alive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,4 +140,4 @@ class Stack:
             self.seen.add(self.pg.pid)
 
     def left_running(self) -> list[int]:
-        return [p for p in self.seen if postgres.alive(p)]
+        return [p for p in self.seen if alive(p)]

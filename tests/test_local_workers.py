@@ -19,7 +19,7 @@ from conftest import write_rows
 from test_scale_out import CONFIG
 from tuneval.flows.workers import descendants
 
-from tuneval.postgres import alive
+from tuneval.processes import alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.scale]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneval.errors import TunevalError
+from tuneval.processes import alive
 
 SUPERUSER = "tuneval"
 
@@ -92,15 +93,6 @@ class LocalPostgres:
 
     def alive(self) -> bool:
         return alive(self.pid)
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting to be reaped (a daemon's parent may be slow to reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def start(port: int | None = None) -> LocalPostgres:

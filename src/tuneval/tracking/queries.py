@@ -11,7 +11,7 @@ first, and the search stops as soon as enough invocations are seen.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tuneval.tracking.client import Tracker
@@ -36,49 +36,42 @@ def _plain(r: Any) -> dict[str, Any]:
     }
 
 
-def search(tracker: Tracker, experiment_id: str, where: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Runs matching ``where``, newest first (at most ``limit``), as ``Tracker.pipeline_runs`` gives them."""
-    out: list[dict[str, Any]] = []
-    token = None
-    while True:
-        size = PAGE if limit is None else min(PAGE, limit - len(out))
+def _newest_first(tracker: Tracker, experiment_id: str, where: str, limit: int | None = None) -> Iterator[Any]:
+    """MLflow runs matching ``where``, newest first, one page at a time as they are consumed; the
+    pages stop at ``limit`` runs."""
+    token, n = None, 0
+    while limit is None or n < limit:
         page = tracker.client.search_runs(
             [experiment_id],
             filter_string=where,
             order_by=["attributes.start_time DESC"],
-            max_results=size,
+            max_results=PAGE if limit is None else min(PAGE, limit - n),
             page_token=token,
         )
-        out += [_plain(r) for r in page]
+        n += len(page)
+        yield from page
         token = page.token
-        if not token or (limit is not None and len(out) >= limit):
-            return out
+        if not token:
+            return
+
+
+def search(tracker: Tracker, experiment_id: str, where: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Runs matching ``where``, newest first (at most ``limit``), as ``Tracker.pipeline_runs`` gives them."""
+    return [_plain(r) for r in _newest_first(tracker, experiment_id, where, limit)]
 
 
 def _recent_heads(tracker: Tracker, experiment_id: str, invocations: int) -> list[dict[str, Any]]:
     """Heads of the ``invocations`` most recent invocations (by their newest run), newest first."""
     out: list[dict[str, Any]] = []
     seen: list[str] = []
-    token = None
-    where = f"{HEADS} and attributes.status != 'RUNNING'"
-    while True:
-        page = tracker.client.search_runs(
-            [experiment_id],
-            filter_string=where,
-            order_by=["attributes.start_time DESC"],
-            max_results=PAGE,
-            page_token=token,
-        )
-        for r in page:
-            inv = r.data.tags.get("tuneval.invocation", "")
-            if inv not in seen:
-                if len(seen) == invocations:
-                    return out
-                seen.append(inv)
-            out.append(_plain(r))
-        token = page.token
-        if not token:
-            return out
+    for r in _newest_first(tracker, experiment_id, f"{HEADS} and attributes.status != 'RUNNING'"):
+        inv = r.data.tags.get("tuneval.invocation", "")
+        if inv not in seen:
+            if len(seen) == invocations:
+                break
+            seen.append(inv)
+        out.append(_plain(r))
+    return out
 
 
 def report_runs(
